@@ -1,0 +1,27 @@
+"""Losses: NACL and the calibration baselines it is compared with.
+
+Bundle configs should name these by dotted path (``monai_nacl.losses.NACLLoss``): a bare ``NACLLoss``
+or ``DiceCELoss`` is ambiguous with MONAI's own classes.
+"""
+
+from monai_nacl.losses.baselines import (
+    CrossEntropyLoss,
+    DiceCELoss,
+    ECPLoss,
+    FocalLoss,
+    LabelSmoothingLoss,
+    MbLSLoss,
+    SVLSLoss,
+)
+from monai_nacl.losses.nacl import NACLLoss
+
+__all__ = [
+    "NACLLoss",
+    "CrossEntropyLoss",
+    "DiceCELoss",
+    "ECPLoss",
+    "FocalLoss",
+    "LabelSmoothingLoss",
+    "MbLSLoss",
+    "SVLSLoss",
+]

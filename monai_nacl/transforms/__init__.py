@@ -1,0 +1,5 @@
+"""MONAI transforms for NACL training and inference."""
+
+from monai_nacl.transforms.prior import NeighborPrior, NeighborPriord
+
+__all__ = ["NeighborPrior", "NeighborPriord"]

@@ -1,0 +1,51 @@
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from monai_nacl.prior import dense_kernel
+
+HIPPOCAMPUS = Path(
+    os.environ.get(
+        "MONAI_NACL_HIPPOCAMPUS", Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "hippocampus"
+    )
+)
+
+
+def reference_prior(
+    labels, num_classes, kernel="mean", kernel_size=3, sigma=1.0, padding="replicate", ignore_index=None
+):
+    """Brute-force τ: explicit padding, dense kernel, grouped convolution, float64. Independent of the
+    separable implementation under test."""
+    dims = labels.ndim - 2
+    k = dense_kernel(kernel, kernel_size, sigma, dims)
+    radii = [s // 2 for s in k.shape]
+    pad = []
+    for r in reversed(radii):
+        pad += [r, r]
+    lab = labels.double()
+    valid = torch.ones_like(lab) if ignore_index is None else (lab != ignore_index).double()
+    onehot = torch.cat([(lab == c).double() * valid for c in range(num_classes)], 1)
+    if padding == "replicate":
+        onehot = F.pad(onehot, pad, mode="replicate")
+        valid = F.pad(valid, pad, mode="replicate")
+    elif padding == "zeros":
+        onehot = F.pad(onehot, pad)
+        valid = F.pad(valid, pad, value=1.0)  # outside voxels are empty, not ignored
+    else:
+        onehot = torch.cat([F.pad(onehot[:, :1], pad, value=1.0), F.pad(onehot[:, 1:], pad)], 1)
+        valid = F.pad(valid, pad, value=1.0)
+    conv = [F.conv1d, F.conv2d, F.conv3d][dims - 1]
+    w = k[None, None]
+    num = conv(onehot, w.expand(num_classes, 1, *k.shape), groups=num_classes)
+    den = conv(valid, w)
+    return torch.where(den > 0, num / den.clamp_min(1e-300), torch.zeros_like(num))
+
+
+@pytest.fixture
+def rng():
+    return torch.Generator().manual_seed(1234)
