@@ -1,0 +1,346 @@
+"""Streaming calibration metrics for 3D segmentation.
+
+Only per-bin sufficient statistics are kept, so memory does not depend on the number of voxels or volumes.
+Definitions (``B`` equal-width bins on ``[0, 1]``: bin ``k`` holds confidences in ``[k/B, (k+1)/B)``, the last
+bin also holds 1.0; ``n_k`` voxels, mean confidence ``conf_k``, mean accuracy ``acc_k``, ``N = sum_k n_k``;
+empty bins are skipped):
+
+* ``ece``  (top-label)  ``sum_k n_k / N * |acc_k - conf_k|`` with confidence ``max_c p_c`` and accuracy
+  ``[argmax_c p_c = y]``.
+* ``ace``  (top-label)  ``mean_{k: n_k > 0} |acc_k - conf_k|`` (average calibration error over non-empty bins).
+* ``mce``  (top-label)  ``max_{k: n_k > 0} |acc_k - conf_k|``.
+* ``cece`` (class-wise) ``1/C sum_c ECE_c`` where ``ECE_c`` bins ``p_c`` against ``[y = c]`` (one-vs-rest, as
+  ``monai.metrics.CalibrationErrorMetric``), over all classes including background.
+* ``nll``  ``mean_i -log max(p_{i, y_i}, 1e-12)``.
+* ``brier`` ``mean_i sum_c (p_ic - [y_i = c])^2``.
+
+Which voxels count is ``mask``: ``"all"`` or ``"foreground"`` (ground truth not background: the NACL/SVLS
+paper protocol), minus ``ignore_index`` voxels. ``aggregate("macro")`` computes each metric per volume and
+averages over volumes (the paper protocol); ``"micro"`` pools all voxels of all volumes first.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+
+import torch
+import torch.distributed as dist
+
+from monai_nacl.validation import as_tensor, labels_from_target
+
+__all__ = ["CalibrationMetric", "BinStatistics", "calibration_errors"]
+
+KEYS = ("ece", "ace", "mce", "cece", "nll", "brier")
+
+
+class BinStatistics:
+    """Sufficient statistics of one or more volumes (leading dimension ``V``), float64.
+
+    Attributes:
+        top: ``V,3,B`` top-label ``(count, sum confidence, sum accuracy)`` per bin.
+        ovr: ``V,3,C,B`` one-vs-rest ``(count, sum p_c, sum [y = c])`` per class and bin.
+        scalars: ``V,3`` ``(voxel count, sum NLL, sum Brier)``.
+    """
+
+    def __init__(self, top: torch.Tensor, ovr: torch.Tensor, scalars: torch.Tensor) -> None:
+        self.top, self.ovr, self.scalars = top, ovr, scalars
+
+    def pooled(self) -> BinStatistics:
+        return BinStatistics(
+            self.top.sum(0, keepdim=True), self.ovr.sum(0, keepdim=True), self.scalars.sum(0, keepdim=True)
+        )
+
+    def to_dict(self) -> dict:
+        """Pooled statistics as plain lists (JSON-serialisable), e.g. for reliability diagrams."""
+        p = self.pooled()
+        return {
+            "top_label": {
+                "count": p.top[0, 0].tolist(),
+                "sum_confidence": p.top[0, 1].tolist(),
+                "sum_accuracy": p.top[0, 2].tolist(),
+            },
+            "per_class": {
+                "count": p.ovr[0, 0].tolist(),
+                "sum_confidence": p.ovr[0, 1].tolist(),
+                "sum_accuracy": p.ovr[0, 2].tolist(),
+            },
+            "voxels": p.scalars[0, 0].item(),
+        }
+
+
+def _binned_errors(count: torch.Tensor, conf: torch.Tensor, acc: torch.Tensor):
+    """ECE, ACE and MCE over the last (bin) axis; NaN where there is no voxel at all."""
+    nonempty = count > 0
+    gap = torch.where(nonempty, (acc - conf).abs() / count.clamp_min(1), torch.zeros_like(conf))
+    n = count.sum(-1)
+    ece = (gap * count).sum(-1) / n
+    ace = gap.sum(-1) / nonempty.sum(-1)
+    mce = torch.where(nonempty, gap, torch.full_like(gap, -1.0)).amax(-1)
+    mce = torch.where(n > 0, mce, torch.full_like(mce, float("nan")))
+    return ece, ace, mce
+
+
+def calibration_errors(stats: BinStatistics) -> dict[str, torch.Tensor]:
+    """Every metric of the module docstring, per volume (shape ``V``); NaN for a volume without voxels."""
+    ece, ace, mce = _binned_errors(stats.top[:, 0], stats.top[:, 1], stats.top[:, 2])
+    ece_c, _, _ = _binned_errors(stats.ovr[:, 0], stats.ovr[:, 1], stats.ovr[:, 2])
+    n = stats.scalars[:, 0]
+    return {
+        "ece": ece,
+        "ace": ace,
+        "mce": mce,
+        "cece": ece_c.mean(-1),
+        "nll": stats.scalars[:, 1] / n,
+        "brier": stats.scalars[:, 2] / n,
+    }
+
+
+def _bin_index(p: torch.Tensor, num_bins: int) -> torch.Tensor:
+    return torch.mul(p, num_bins).long().clamp_(0, num_bins - 1)
+
+
+class CalibrationMetric:
+    """Streaming calibration metrics (ECE, ACE, MCE, class-wise ECE, NLL, Brier) per volume and pooled.
+
+    Call it per batch, then :meth:`aggregate`; :meth:`reset` clears the state. Across processes the
+    statistics are summed with ``torch.distributed.all_reduce`` when a process group is initialised.
+
+    Args:
+        num_classes: number of classes ``C``.
+        num_bins: equal-width confidence bins (15 in the NACL/SVLS papers).
+        mask: ``"all"`` voxels or ``"foreground"`` (ground-truth label != 0, the paper protocol).
+        ignore_index: label whose voxels never count.
+        per_volume: keep each volume's metric values (a few floats per volume) for :meth:`get_per_volume`
+            (per-case CSVs). The histograms themselves are never kept per volume.
+
+    Example:
+        >>> metric = CalibrationMetric(num_classes=3, mask="foreground")
+        >>> probs = torch.softmax(torch.randn(2, 3, 8, 8, 8), 1)
+        >>> metric(probs, torch.randint(0, 3, (2, 1, 8, 8, 8)))
+        >>> sorted(metric.aggregate())[:3]
+        ['ace', 'brier', 'cece']
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        num_bins: int = 15,
+        mask: str = "all",
+        ignore_index: int | None = None,
+        per_volume: bool = False,
+    ) -> None:
+        if int(num_classes) != num_classes or num_classes < 2:
+            raise ValueError(f"num_classes must be an integer >= 2, got {num_classes}.")
+        if int(num_bins) != num_bins or num_bins < 1:
+            raise ValueError(f"num_bins must be a positive integer, got {num_bins}.")
+        if mask not in ("all", "foreground"):
+            raise ValueError(f"mask must be 'all' or 'foreground', got {mask!r}.")
+        self.num_classes, self.num_bins, self.mask = int(num_classes), int(num_bins), mask
+        self.ignore_index, self.per_volume = ignore_index, per_volume
+        self.reset()
+
+    def reset(self) -> None:
+        """Clear all accumulated statistics."""
+        c, b = self.num_classes, self.num_bins
+        self._pooled = BinStatistics(
+            torch.zeros(1, 3, b, dtype=torch.float64),
+            torch.zeros(1, 3, c, b, dtype=torch.float64),
+            torch.zeros(1, 3, dtype=torch.float64),
+        )
+        self._macro_sum = torch.zeros(len(KEYS), dtype=torch.float64)
+        self._counts = torch.zeros(2, dtype=torch.float64)  # volumes with voxels, volumes without
+        self._volumes: list[dict[str, float]] = []
+
+    def __call__(self, y_pred: torch.Tensor | Sequence[torch.Tensor], y: torch.Tensor | Sequence[torch.Tensor]) -> None:
+        """Add a batch. ``y_pred``: probabilities ``B,C,*spatial`` (or a list of ``C,*spatial``); ``y``: labels
+        ``B,1,*spatial`` / one-hot ``B,C,*spatial`` (or a list of per-volume tensors)."""
+        if isinstance(y_pred, (list, tuple)):
+            if not isinstance(y, (list, tuple)) or len(y) != len(y_pred):
+                raise ValueError("y_pred and y must both be tensors or lists of the same length.")
+            for p, t in zip(y_pred, y):
+                self.update(as_tensor(p)[None], as_tensor(t)[None])
+            return
+        self.update(y_pred, y)
+
+    def update(self, y_pred: torch.Tensor, y: torch.Tensor) -> BinStatistics:
+        """Add a batch of volumes and return its per-volume statistics.
+
+        Raises:
+            ValueError: wrong channel count or shapes, labels outside ``[0, C)`` other than ``ignore_index``,
+                probabilities outside ``[0, 1]`` or non-finite.
+        """
+        p = as_tensor(y_pred)
+        if not isinstance(p, torch.Tensor) or p.ndim < 3 or not p.is_floating_point():
+            raise ValueError(f"y_pred must be floating probabilities B,C,*spatial, got {getattr(p, 'shape', type(p))}.")
+        if p.shape[1] != self.num_classes:
+            raise ValueError(f"y_pred has {p.shape[1]} channels (shape {tuple(p.shape)}), expected {self.num_classes}.")
+        labels = labels_from_target(as_tensor(y).to(p.device), p, self.num_classes, self.ignore_index)
+        stats = self._statistics(p, labels)
+        self._accumulate(stats)
+        return stats
+
+    def _statistics(self, p: torch.Tensor, labels: torch.Tensor) -> BinStatistics:
+        n_vol, c, nb = p.shape[0], self.num_classes, self.num_bins
+        dev = p.device
+        valid = None
+        if self.ignore_index is not None:
+            valid = labels != self.ignore_index
+            labels = torch.where(valid, labels, torch.zeros_like(labels))
+        labels = labels.long()
+        if self.mask == "foreground":
+            fg = labels != 0
+            valid = fg if valid is None else valid & fg
+        if not p.dtype == torch.float64:
+            p = p.float()
+        p3 = p.reshape(n_vol, c, -1)
+        lab3 = labels.reshape(n_vol, 1, -1)
+        valid3 = None if valid is None else valid.reshape(n_vol, 1, -1)
+        dump3 = None if valid is None else ~valid3
+        n_vox = p3.shape[-1]
+
+        # Histogram slots (volume, [class,] bin) with nb + 1 bins each: the extra bin holds p == 1.0 until it is
+        # folded into the last bin. Voxels that do not count are shifted by `size` into a dump half, dropped.
+        stride = nb + 1
+        size_top, size_c = n_vol * stride, n_vol * c * stride
+        vol = torch.arange(n_vol, device=dev).view(n_vol, 1, 1)
+        off_top = vol * stride
+        off_c = (vol * c + torch.arange(c, device=dev).view(1, c, 1)) * stride
+        top_n = torch.zeros(2 * size_top, dtype=torch.long, device=dev)
+        top_s = torch.zeros(2, 2 * size_top, dtype=torch.float64, device=dev)
+        ovr_n = torch.zeros(2, 2 * size_c, dtype=torch.long, device=dev)
+        ovr_s = torch.zeros(2 * size_c, dtype=torch.float64, device=dev)
+        scalars = torch.zeros(n_vol, 3, dtype=torch.float64, device=dev)
+
+        # CPU: blocks along the voxels with reused buffers keep temporaries in cache and avoid page faults on
+        # fresh allocations (the work is a few memory-bound passes); float32 block sums stay short before the
+        # float64 accumulation. GPU: one block.
+        block = n_vox if dev.type != "cpu" else min(n_vox, max(1024, (1 << 18) // (n_vol * c)))
+        fbuf = torch.empty(n_vol, c, block, dtype=p.dtype, device=dev)
+        ibuf = torch.empty(n_vol, c, block, dtype=torch.long, device=dev)
+        dbuf = torch.empty(n_vol, 1, block, dtype=torch.long, device=dev)
+        for s0 in range(0, n_vox, block):
+            k = min(block, n_vox - s0)
+            pc, lab = p3[:, :, s0 : s0 + k], lab3[:, :, s0 : s0 + k]
+            fb, ib = fbuf[..., :k], ibuf[..., :k]
+
+            lo, hi = torch.aminmax(pc)
+            if not (lo >= 0 and hi <= 1):  # False for NaN too
+                raise ValueError(f"y_pred must hold probabilities in [0, 1], found values in [{lo}, {hi}].")
+            conf = pc.amax(1, keepdim=True)
+            p_y = pc.gather(1, lab)
+            # Top-label accuracy is [argmax = y]; argmax is slow on CPU and p_y == max agrees with it except at
+            # exact ties, where argmax takes the first class: those few voxels get the exact rule.
+            correct = p_y == conf
+            is_max = pc == conf
+            if int(is_max.sum()) > conf.numel():
+                tie_n, _, tie_k = torch.nonzero(is_max.sum(1, keepdim=True) > 1, as_tuple=True)
+                first = pc[tie_n, :, tie_k].argmax(1)
+                correct[tie_n, 0, tie_k] = first == lab[tie_n, 0, tie_k]
+
+            it = (conf * nb).long().add_(off_top)
+            ih = (p_y * nb).long().add_((vol * c + lab) * stride)
+            torch.mul(pc, nb, out=fb)
+            ib.copy_(fb).add_(off_c)
+            if dump3 is not None:
+                # shifting by an offset is much cheaper on CPU than masked_fill_ with a broadcast mask
+                dump = dbuf[..., :k].copy_(dump3[:, :, s0 : s0 + k])
+                it.add_(dump, alpha=size_top)
+                ih.add_(dump, alpha=size_c)
+                ib.add_(dump, alpha=size_c)
+            it, ih, flat = it.view(-1), ih.view(-1), ib.view(-1)
+            top_n += torch.bincount(it, minlength=2 * size_top)
+            top_s[0] += torch.zeros(2 * size_top, dtype=p.dtype, device=dev).scatter_add_(0, it, conf.view(-1))
+            top_s[1] += torch.zeros(2 * size_top, dtype=p.dtype, device=dev).scatter_add_(
+                0, it, correct.view(-1).to(p.dtype)
+            )
+            ovr_n[0] += torch.bincount(flat, minlength=2 * size_c)
+            ovr_n[1] += torch.bincount(ih, minlength=2 * size_c)
+            ovr_s += torch.zeros(2 * size_c, dtype=p.dtype, device=dev).scatter_add_(0, flat, pc.reshape(-1))
+
+            # sum_c (p_c - y_c)^2 = sum_c p_c^2 - 2 p_y + 1
+            sq = (pc * pc).sum(1, keepdim=True)
+            per_voxel = torch.cat([torch.ones_like(p_y), -torch.log(p_y.clamp_min(1e-12)), sq - 2 * p_y + 1], 1)
+            if dump3 is not None:
+                per_voxel.mul_(valid3[:, :, s0 : s0 + k])
+            scalars += per_voxel.sum(-1, dtype=torch.float64)
+
+        if not bool(torch.isfinite(scalars).all()):
+            raise ValueError("y_pred contains NaN or Inf.")
+
+        def fold(n: torch.Tensor, s1: torch.Tensor, s2: torch.Tensor, size: int, shape: tuple[int, ...]):
+            h = torch.stack([n[:size].to(torch.float64), s1[:size], s2[:size]]).reshape(3, *shape, stride)
+            return torch.cat([h[..., : nb - 1], h[..., nb - 1 :].sum(-1, keepdim=True)], -1).transpose(0, 1)
+
+        top = fold(top_n, top_s[0], top_s[1], size_top, (n_vol,))
+        ovr = fold(ovr_n[0], ovr_s, ovr_n[1].to(torch.float64), size_c, (n_vol, c))
+        return BinStatistics(top.cpu(), ovr.cpu(), scalars.cpu())
+
+    def _accumulate(self, stats: BinStatistics) -> None:
+        pooled = stats.pooled()
+        self._pooled.top += pooled.top
+        self._pooled.ovr += pooled.ovr
+        self._pooled.scalars += pooled.scalars
+        per_vol = calibration_errors(stats)
+        has_voxels = stats.scalars[:, 0] > 0
+        if not bool(has_voxels.all()):
+            warnings.warn(
+                f"{int((~has_voxels).sum())} volume(s) have no voxel under mask={self.mask!r}: they are counted in "
+                "'n_empty' and left out of the macro average.",
+                stacklevel=3,
+            )
+        values = torch.stack([per_vol[k] for k in KEYS], 1)  # V, K
+        self._macro_sum += torch.where(has_voxels[:, None], values, torch.zeros_like(values)).sum(0)
+        self._counts += torch.tensor([float(has_voxels.sum()), float((~has_voxels).sum())], dtype=torch.float64)
+        if self.per_volume:
+            self._volumes += [dict(zip(KEYS, row)) for row in values.tolist()]
+
+    def _synced(self) -> tuple[BinStatistics, torch.Tensor, torch.Tensor]:
+        stats = BinStatistics(self._pooled.top.clone(), self._pooled.ovr.clone(), self._pooled.scalars.clone())
+        macro, counts = self._macro_sum.clone(), self._counts.clone()
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            flat = torch.cat([stats.top.flatten(), stats.ovr.flatten(), stats.scalars.flatten(), macro, counts])
+            device = (
+                torch.device("cuda", torch.cuda.current_device())
+                if dist.get_backend() == "nccl"
+                else torch.device("cpu")
+            )
+            flat = flat.to(device)
+            dist.all_reduce(flat)
+            flat = flat.cpu()
+            sizes = [stats.top.numel(), stats.ovr.numel(), stats.scalars.numel(), macro.numel(), counts.numel()]
+            top, ovr, sca, macro, counts = torch.split(flat, sizes)
+            stats = BinStatistics(top.view_as(stats.top), ovr.view_as(stats.ovr), sca.view_as(stats.scalars))
+        return stats, macro, counts
+
+    def aggregate(self, reduction: str = "macro") -> dict[str, float]:
+        """Metrics over everything seen since :meth:`reset` (summed over processes when distributed).
+
+        Args:
+            reduction: ``"macro"``: per-volume metrics averaged over volumes that have voxels under the
+                mask; ``"micro"``: metrics of all voxels pooled.
+
+        Returns:
+            dict with ``ece, ace, mce, cece, nll, brier`` and ``n_volumes`` (volumes averaged), ``n_empty``
+            (volumes without voxels under the mask) and ``n_voxels``. Values are NaN only when no voxel counted.
+        """
+        if reduction not in ("macro", "micro"):
+            raise ValueError(f"reduction must be 'macro' or 'micro', got {reduction!r}.")
+        stats, macro, counts = self._synced()
+        if reduction == "micro":
+            out = {k: float(v[0]) for k, v in calibration_errors(stats).items()}
+        else:
+            n = counts[0].item()
+            out = {k: (macro[i].item() / n if n > 0 else float("nan")) for i, k in enumerate(KEYS)}
+        out.update(n_volumes=int(counts[0]), n_empty=int(counts[1]), n_voxels=int(stats.scalars[0, 0]))
+        return out
+
+    def bin_statistics(self) -> BinStatistics:
+        """Pooled (and process-summed) bin statistics for reliability diagrams."""
+        return self._synced()[0]
+
+    def get_per_volume(self) -> list[dict[str, float]]:
+        """Metric values of each volume seen by this process (needs ``per_volume=True``)."""
+        if not self.per_volume:
+            raise ValueError("per-volume values are kept only with per_volume=True.")
+        return list(self._volumes)
