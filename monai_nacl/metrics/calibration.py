@@ -138,6 +138,7 @@ class CalibrationMetric:
             raise ValueError(f"mask must be 'all' or 'foreground', got {mask!r}.")
         self.num_classes, self.num_bins, self.mask = int(num_classes), int(num_bins), mask
         self.ignore_index, self.per_volume = ignore_index, per_volume
+        self._buffers_key: tuple | None = None
         self.reset()
 
     def reset(self) -> None:
@@ -216,9 +217,7 @@ class CalibrationMetric:
         # fresh allocations (the work is a few memory-bound passes); float32 block sums stay short before the
         # float64 accumulation. GPU: one block.
         block = n_vox if dev.type != "cpu" else min(n_vox, max(1024, (1 << 18) // (n_vol * c)))
-        fbuf = torch.empty(n_vol, c, block, dtype=p.dtype, device=dev)
-        ibuf = torch.empty(n_vol, c, block, dtype=torch.long, device=dev)
-        dbuf = torch.empty(n_vol, 1, block, dtype=torch.long, device=dev)
+        fbuf, ibuf, dbuf = self._work_buffers(n_vol, c, block, p.dtype, dev)
         for s0 in range(0, n_vox, block):
             k = min(block, n_vox - s0)
             pc, lab = p3[:, :, s0 : s0 + k], lab3[:, :, s0 : s0 + k]
@@ -275,6 +274,18 @@ class CalibrationMetric:
         top = fold(top_n, top_s[0], top_s[1], size_top, (n_vol,))
         ovr = fold(ovr_n[0], ovr_s, ovr_n[1].to(torch.float64), size_c, (n_vol, c))
         return BinStatistics(top.cpu(), ovr.cpu(), scalars.cpu())
+
+    def _work_buffers(self, n_vol: int, c: int, block: int, dtype: torch.dtype, dev: torch.device):
+        """Scratch buffers reused across updates (a few MB): fresh large allocations cost page faults."""
+        key = (n_vol, c, block, dtype, dev)
+        if self._buffers_key != key:
+            self._buffers = (
+                torch.empty(n_vol, c, block, dtype=dtype, device=dev),
+                torch.empty(n_vol, c, block, dtype=torch.long, device=dev),
+                torch.empty(n_vol, 1, block, dtype=torch.long, device=dev),
+            )
+            self._buffers_key = key
+        return self._buffers
 
     def _accumulate(self, stats: BinStatistics) -> None:
         pooled = stats.pooled()

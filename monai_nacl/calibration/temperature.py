@@ -1,0 +1,235 @@
+"""Temperature scaling (Guo et al., ICML 2017) for segmentation networks.
+
+The temperature is part of the network: :class:`TemperatureScaled` wraps any MONAI network and divides its
+logits by a registered buffer, so every consumer of a bundle's ``network_def`` (``monai.bundle run``,
+TorchScript export, MONAI Label) gets calibrated probabilities, and the weights stay a plain state_dict.
+
+Fitting never holds all voxels: :class:`TemperatureFitter` keeps a fixed-size random sample of voxel logits
+per volume, then minimises their NLL over ``log T`` within bounds.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from monai_nacl.validation import as_tensor, labels_from_target
+
+__all__ = ["TemperatureScaled", "TemperatureFitter", "fit_temperature", "T_MIN", "T_MAX"]
+
+T_MIN, T_MAX = 0.05, 20.0
+
+
+class TemperatureScaled(nn.Module):
+    """``network(x) / T``, with ``T`` a buffer (one value, or one per class along the channel axis).
+
+    Args:
+        network: any module returning logits ``B,C,*spatial``.
+        num_classes: required with ``per_class=True`` (size of ``T``).
+        per_class: one temperature per class instead of a global one.
+        temperature: initial value(s) (1.0 leaves the network unchanged).
+        dropout: if given, the probability set on every ``nn.Dropout*`` module of ``network`` (MONAI Label
+            sets ``network_def#dropout`` for epistemic scoring; MONAI's UNet keeps ``p=0`` dropout modules).
+
+    Example:
+        >>> from monai.networks.nets import UNet
+        >>> net = TemperatureScaled(UNet(3, 1, 3, channels=(8, 16), strides=(2,)))
+        >>> net.temperature
+        tensor([1.])
+    """
+
+    def __init__(
+        self,
+        network: nn.Module,
+        num_classes: int | None = None,
+        per_class: bool = False,
+        temperature: float | torch.Tensor = 1.0,
+        dropout: float | None = None,
+    ) -> None:
+        super().__init__()
+        if per_class and not num_classes:
+            raise ValueError("per_class=True needs num_classes.")
+        size = int(num_classes) if per_class else 1
+        t = torch.as_tensor(temperature, dtype=torch.float32).flatten().expand(size).clone()
+        _check_temperature(t)
+        self.network = network
+        self.register_buffer("temperature", t)
+        if dropout is not None:
+            if not 0.0 <= float(dropout) < 1.0:
+                raise ValueError(f"dropout must be in [0, 1), got {dropout}.")
+            for m in self.network.modules():
+                if isinstance(m, nn.modules.dropout._DropoutNd):
+                    m.p = float(dropout)
+
+    def set_temperature(self, temperature: float | torch.Tensor) -> None:
+        """Replace ``T`` (same size as the buffer; a single value is broadcast)."""
+        t = torch.as_tensor(temperature, dtype=self.temperature.dtype, device=self.temperature.device).flatten()
+        t = t.expand(self.temperature.numel()).clone()
+        _check_temperature(t)
+        self.temperature.copy_(t)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.network(x)
+        t = self.temperature.to(logits.dtype)
+        for _ in range(logits.dim() - 2):
+            t = t.unsqueeze(-1)
+        return logits / t
+
+
+def _check_temperature(t: torch.Tensor) -> None:
+    if not bool(torch.isfinite(t).all()) or bool((t < T_MIN).any()) or bool((t > T_MAX).any()):
+        raise ValueError(f"temperature must be finite and in [{T_MIN}, {T_MAX}], got {t.tolist()}.")
+
+
+class TemperatureFitter:
+    """Collect a bounded random sample of voxel logits, then fit ``T`` by minimising NLL.
+
+    Args:
+        num_classes: number of classes ``C``.
+        per_class: fit one temperature per class (vector scaling of the logits' channels).
+        voxels_per_volume: voxels sampled uniformly (without replacement) from each volume's valid voxels.
+        mask: ``"all"`` or ``"foreground"`` (ground truth != 0) voxels are eligible.
+        ignore_index: label never sampled.
+        max_voxels: cap on the total sample (reservoir-style thinning beyond it).
+        seed: sampling seed.
+
+    Example:
+        >>> fitter = TemperatureFitter(num_classes=3)
+        >>> fitter.update(torch.randn(2, 3, 8, 8, 8) * 5, torch.randint(0, 3, (2, 1, 8, 8, 8)))
+        >>> t = fitter.fit()
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        per_class: bool = False,
+        voxels_per_volume: int = 20000,
+        mask: str = "all",
+        ignore_index: int | None = None,
+        max_voxels: int = 2_000_000,
+        seed: int = 0,
+    ) -> None:
+        if mask not in ("all", "foreground"):
+            raise ValueError(f"mask must be 'all' or 'foreground', got {mask!r}.")
+        self.num_classes, self.per_class, self.mask = int(num_classes), per_class, mask
+        self.voxels_per_volume, self.ignore_index, self.max_voxels = (
+            int(voxels_per_volume),
+            ignore_index,
+            int(max_voxels),
+        )
+        self.generator = torch.Generator().manual_seed(seed)
+        self.reset()
+
+    def reset(self) -> None:
+        self._logits: list[torch.Tensor] = []
+        self._labels: list[torch.Tensor] = []
+        self._count = 0
+
+    def update(self, logits: torch.Tensor, target: torch.Tensor) -> None:
+        """Add volumes: logits ``B,C,*spatial`` (before softmax), labels ``B,1,*spatial`` or one-hot."""
+        logits = as_tensor(logits).detach()
+        if logits.ndim < 3 or logits.shape[1] != self.num_classes:
+            raise ValueError(f"logits must be B,{self.num_classes},*spatial, got {tuple(logits.shape)}.")
+        labels = labels_from_target(as_tensor(target).to(logits.device), logits, self.num_classes, self.ignore_index)
+        if not bool(torch.isfinite(logits).all()):
+            raise ValueError("logits contain NaN or Inf.")
+        for b in range(logits.shape[0]):
+            z = logits[b].reshape(self.num_classes, -1)
+            y = labels[b].reshape(-1)
+            keep = torch.ones_like(y, dtype=torch.bool)
+            if self.ignore_index is not None:
+                keep &= y != self.ignore_index
+            if self.mask == "foreground":
+                keep &= y != 0
+            idx = torch.nonzero(keep.cpu()).flatten()
+            if idx.numel() > self.voxels_per_volume:
+                idx = idx[torch.randperm(idx.numel(), generator=self.generator)[: self.voxels_per_volume]]
+            idx = idx.to(z.device)
+            self._logits.append(z[:, idx].T.float().cpu())
+            self._labels.append(y[idx].long().cpu())
+            self._count += idx.numel()
+        if self._count > self.max_voxels:
+            z, y = torch.cat(self._logits), torch.cat(self._labels)
+            keep = torch.randperm(z.shape[0], generator=self.generator)[: self.max_voxels]
+            self._logits, self._labels, self._count = [z[keep]], [y[keep]], self.max_voxels
+
+    def samples(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The sampled ``(logits N,C, labels N)``."""
+        if not self._logits:
+            raise ValueError("no voxels collected: call update() with volumes that have eligible voxels first.")
+        return torch.cat(self._logits), torch.cat(self._labels)
+
+    def fit(self, max_iter: int = 100) -> torch.Tensor:
+        """Return the fitted temperature (shape ``1`` or ``C``) within ``[T_MIN, T_MAX]``."""
+        z, y = self.samples()
+        z = z.double()
+        lo, hi = math.log(T_MIN), math.log(T_MAX)
+
+        def nll(log_t: torch.Tensor) -> torch.Tensor:
+            return F.cross_entropy(z / log_t.exp(), y)
+
+        if not self.per_class:
+            # NLL is convex in 1/T, hence unimodal in log T: golden-section search on the bounded interval.
+            a, b = lo, hi
+            g = (math.sqrt(5) - 1) / 2
+            c, d = b - g * (b - a), a + g * (b - a)
+            fc, fd = nll(torch.tensor([c])), nll(torch.tensor([d]))
+            for _ in range(max_iter):
+                if fc < fd:
+                    b, d, fd = d, c, fc
+                    c = b - g * (b - a)
+                    fc = nll(torch.tensor([c]))
+                else:
+                    a, c, fc = c, d, fd
+                    d = a + g * (b - a)
+                    fd = nll(torch.tensor([d]))
+                if b - a < 1e-6:
+                    break
+            return torch.tensor([math.exp((a + b) / 2)], dtype=torch.float32)
+
+        log_t = torch.zeros(self.num_classes, dtype=torch.float64, requires_grad=True)
+        opt = torch.optim.LBFGS([log_t], lr=1.0, max_iter=max_iter, line_search_fn="strong_wolfe")
+
+        def closure():
+            opt.zero_grad()
+            loss = nll(log_t.clamp(lo, hi))
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+        return log_t.detach().clamp(lo, hi).exp().float()
+
+
+@torch.no_grad()
+def fit_temperature(
+    network: nn.Module,
+    data: Iterable[dict],
+    num_classes: int,
+    inferer: Callable[[torch.Tensor, nn.Module], torch.Tensor] | None = None,
+    image_key: str = "image",
+    label_key: str = "label",
+    device: str | torch.device | None = None,
+    **fitter_kwargs,
+) -> torch.Tensor:
+    """Run ``network`` (through ``inferer``, e.g. a ``SlidingWindowInferer``) over ``data`` and fit ``T``.
+
+    If ``network`` is a :class:`TemperatureScaled`, the returned value is the *total* temperature to set
+    (the current one times the fitted correction), so ``network.set_temperature(result)`` is always right.
+    """
+    fitter = TemperatureFitter(num_classes, **fitter_kwargs)
+    device = torch.device(device) if device is not None else next(network.parameters()).device
+    was_training = network.training
+    network.eval()
+    for batch in data:
+        image = batch[image_key].to(device)
+        logits = inferer(image, network) if inferer is not None else network(image)
+        fitter.update(logits, batch[label_key])
+    network.train(was_training)
+    t = fitter.fit()
+    if isinstance(network, TemperatureScaled):
+        t = (t.to(network.temperature.device) * network.temperature).clamp(T_MIN, T_MAX).cpu()
+    return t

@@ -1,0 +1,197 @@
+"""Ignite handlers: calibration metrics in ``engine.state.metrics``, reliability diagrams, temperature fitting."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from ignite.engine import Engine, Events
+from ignite.metrics import Metric
+from monai.utils import evenly_divisible_all_gather
+
+from monai_nacl.calibration.temperature import TemperatureFitter, TemperatureScaled
+from monai_nacl.metrics.calibration import KEYS, CalibrationMetric
+from monai_nacl.visualize.reliability import plot_reliability
+
+__all__ = ["CalibrationHandler", "ReliabilityDiagramHandler", "TemperatureFitHandler", "atomic_save"]
+
+logger = logging.getLogger(__name__)
+
+
+def _is_rank0() -> bool:
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def atomic_save(obj, path: str | Path) -> Path:
+    """``torch.save`` to a temporary file in the same folder, then rename: a crash never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
+class CalibrationHandler(Metric):
+    """Attach :class:`~monai_nacl.metrics.CalibrationMetric` to an evaluator.
+
+    After each evaluation run, every key is stored as ``engine.state.metrics[f"{name}_{key}"]`` (e.g.
+    ``val_ece``, ``val_cece``), which ``StatsHandler`` and TensorBoard handlers log; with ``save_details`` the
+    per-volume values go to ``engine.state.metric_details`` under the same names, which ``MetricsSaver``
+    writes as per-case CSV.
+
+    Args:
+        num_classes, num_bins, mask, ignore_index: see :class:`~monai_nacl.metrics.CalibrationMetric`
+            (``mask="foreground"`` is the NACL paper protocol).
+        reduction: ``"macro"`` (mean over volumes) or ``"micro"`` (pooled voxels).
+        output_transform: maps ``engine.state.output`` to ``(probabilities, labels)``, e.g.
+            ``monai.handlers.from_engine(["pred_prob", "label"])``. Probabilities, not argmax.
+        save_details: keep per-volume values for ``MetricsSaver``.
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        num_bins: int = 15,
+        mask: str = "foreground",
+        ignore_index: int | None = None,
+        reduction: str = "macro",
+        output_transform: Callable = lambda x: x,
+        save_details: bool = True,
+    ) -> None:
+        if reduction not in ("macro", "micro"):
+            raise ValueError(f"reduction must be 'macro' or 'micro', got {reduction!r}.")
+        self.metric = CalibrationMetric(num_classes, num_bins, mask, ignore_index, per_volume=save_details)
+        self.reduction, self.save_details = reduction, save_details
+        super().__init__(output_transform=output_transform)
+
+    def reset(self) -> None:
+        self.metric.reset()
+
+    def update(self, output: Sequence) -> None:
+        if len(output) != 2:
+            raise ValueError(f"output_transform must return (y_pred, y), got {len(output)} items.")
+        self.metric(output[0], output[1])
+
+    def compute(self) -> dict[str, float]:
+        return self.metric.aggregate(self.reduction)
+
+    def completed(self, engine: Engine, name: str) -> None:
+        result = self.compute()
+        for key, value in result.items():
+            engine.state.metrics[f"{name}_{key}"] = value
+        if self.save_details:
+            rows = torch.tensor([[v[k] for k in KEYS] for v in self.metric.get_per_volume()], dtype=torch.float32)
+            rows = rows.reshape(-1, len(KEYS))
+            if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+                rows = evenly_divisible_all_gather(rows, concat=True)
+            details = getattr(engine.state, "metric_details", None)
+            if details is None:
+                details = engine.state.metric_details = {}
+            for i, key in enumerate(KEYS):
+                details[f"{name}_{key}"] = rows[:, i : i + 1]
+
+
+class ReliabilityDiagramHandler:
+    """At the end of each evaluation, write ``{prefix}.png`` (reliability diagrams, top-label and per class)
+    and ``{prefix}.json`` (the pooled bin statistics and the metrics) from a :class:`CalibrationHandler`.
+
+    Args:
+        calibration: the attached :class:`CalibrationHandler` whose statistics are drawn.
+        output_dir: destination folder.
+        class_names: names of the per-class panels.
+        prefix: file name stem.
+        per_epoch: add ``_epoch{N}`` to the names (for validation during training).
+    """
+
+    def __init__(
+        self,
+        calibration: CalibrationHandler,
+        output_dir: str | Path,
+        class_names: Sequence[str] | None = None,
+        prefix: str = "reliability",
+        per_epoch: bool = False,
+    ) -> None:
+        self.calibration, self.output_dir = calibration, Path(output_dir)
+        self.class_names, self.prefix, self.per_epoch = class_names, prefix, per_epoch
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        stats = self.calibration.metric.bin_statistics()
+        result = self.calibration.compute()
+        if not _is_rank0():
+            return
+        stem = self.prefix + (f"_epoch{engine.state.epoch}" if self.per_epoch else "")
+        png = plot_reliability(stats, self.output_dir / f"{stem}.png", self.class_names)
+        payload = {"metrics": result, "reduction": self.calibration.reduction, "bins": stats.to_dict()}
+        (self.output_dir / f"{stem}.json").write_text(json.dumps(payload, indent=4))
+        logger.info("wrote %s and %s", png, png.with_suffix(".json"))
+
+
+class TemperatureFitHandler:
+    """Fit the temperature of a :class:`~monai_nacl.calibration.TemperatureScaled` network on an evaluator's
+    outputs, set it, and write the network's state_dict (atomically) to ``save_path``.
+
+    Attach to an evaluator that runs the network on the validation split. The evaluator's output must
+    carry the raw network output (logits, before softmax), e.g. copied to ``"logits"`` by a post transform.
+
+    Args:
+        network: the wrapped network (its current ``T`` is taken into account).
+        num_classes: number of classes.
+        output_transform: maps ``engine.state.output`` to ``(logits, labels)``.
+        save_path: where to write ``network.state_dict()`` (e.g. ``models/model.pt``); ``None`` to skip.
+        **fitter_kwargs: passed to :class:`~monai_nacl.calibration.TemperatureFitter`.
+    """
+
+    def __init__(
+        self,
+        network: TemperatureScaled,
+        num_classes: int,
+        output_transform: Callable = lambda x: x,
+        save_path: str | Path | None = None,
+        **fitter_kwargs,
+    ) -> None:
+        if not isinstance(network, TemperatureScaled):
+            raise ValueError(
+                f"network must be a monai_nacl.calibration.TemperatureScaled, got {type(network).__name__}."
+            )
+        self.network, self.output_transform, self.save_path = network, output_transform, save_path
+        self.fitter = TemperatureFitter(num_classes, **fitter_kwargs)
+        self.fitted: torch.Tensor | None = None
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_STARTED, lambda _: self.fitter.reset())
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._collect)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self._fit)
+
+    def _collect(self, engine: Engine) -> None:
+        logits, labels = self.output_transform(engine.state.output)
+        if isinstance(logits, (list, tuple)):
+            for z, y in zip(logits, labels):
+                self.fitter.update(torch.as_tensor(z)[None], torch.as_tensor(y)[None])
+        else:
+            self.fitter.update(logits, labels)
+
+    def _fit(self, engine: Engine) -> None:
+        correction = self.fitter.fit()
+        current = self.network.temperature.detach().cpu()
+        total = (correction * current).clamp(0.05, 20.0)
+        self.network.set_temperature(total)
+        self.fitted = total
+        engine.state.metrics["temperature"] = total.tolist() if total.numel() > 1 else float(total)
+        logger.info("fitted temperature %s (correction %s)", total.tolist(), correction.tolist())
+        if self.save_path is not None and _is_rank0():
+            atomic_save(self.network.state_dict(), self.save_path)

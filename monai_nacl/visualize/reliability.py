@@ -1,0 +1,79 @@
+"""Reliability diagrams from binned calibration statistics."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from monai_nacl.metrics.calibration import BinStatistics
+
+__all__ = ["plot_reliability"]
+
+
+def _panel(ax_rel, ax_hist, count, conf_sum, acc_sum, title: str) -> None:
+    count, conf_sum, acc_sum = (np.asarray(a, dtype=float) for a in (count, conf_sum, acc_sum))
+    nb = count.size
+    edges = np.linspace(0.0, 1.0, nb + 1)
+    centres = (edges[:-1] + edges[1:]) / 2
+    width = 1.0 / nb
+    nonempty = count > 0
+    acc = np.divide(acc_sum, count, out=np.zeros(nb), where=nonempty)
+    conf = np.divide(conf_sum, count, out=np.zeros(nb), where=nonempty)
+    ece = float((np.abs(acc - conf) * count).sum() / count.sum()) if count.sum() > 0 else float("nan")
+    ax_rel.bar(centres[nonempty], acc[nonempty], width=width, edgecolor="black", color="tab:blue", label="accuracy")
+    gap_lo = np.minimum(acc, conf)[nonempty]
+    gap_h = np.abs(acc - conf)[nonempty]
+    ax_rel.bar(
+        centres[nonempty], gap_h, bottom=gap_lo, width=width, color="tab:red", alpha=0.35, hatch="//", label="gap"
+    )
+    ax_rel.plot([0, 1], [0, 1], "k--", lw=1)
+    ax_rel.set(xlim=(0, 1), ylim=(0, 1), ylabel="accuracy", title=f"{title}\nECE {ece:.4f}")
+    ax_rel.legend(loc="upper left", fontsize=7)
+    frac = count / max(count.sum(), 1.0)
+    ax_hist.bar(centres, frac, width=width, color="tab:gray", edgecolor="black")
+    ax_hist.set(xlim=(0, 1), xlabel="confidence", ylabel="fraction")
+
+
+def plot_reliability(
+    stats: BinStatistics,
+    path: str | Path,
+    class_names: Sequence[str] | None = None,
+    title: str = "",
+) -> Path:
+    """Write a PNG: the top-label reliability diagram and one one-vs-rest diagram per class, each with the
+    confidence histogram under it. Bars are per-bin accuracy, hatched red the gap to the mean confidence.
+
+    Args:
+        stats: statistics from :meth:`monai_nacl.metrics.CalibrationMetric.bin_statistics` (pooled).
+        path: output PNG path (folders are created).
+        class_names: labels for the per-class panels.
+        title: figure title.
+
+    Returns:
+        the written path.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    pooled = stats.pooled()
+    n_classes = pooled.ovr.shape[2]
+    names = list(class_names) if class_names is not None else [f"class {i}" for i in range(n_classes)]
+    if len(names) != n_classes:
+        raise ValueError(f"class_names has {len(names)} names for {n_classes} classes.")
+    cols = n_classes + 1
+    fig, axes = plt.subplots(2, cols, figsize=(3.2 * cols, 4.6), gridspec_kw={"height_ratios": [3, 1]}, squeeze=False)
+    _panel(axes[0, 0], axes[1, 0], *pooled.top[0], "top-label")
+    for c in range(n_classes):
+        _panel(axes[0, c + 1], axes[1, c + 1], *pooled.ovr[0, :, c], f"{names[c]} (one-vs-rest)")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

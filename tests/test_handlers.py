@@ -1,0 +1,83 @@
+from __future__ import annotations
+
+import csv
+import json
+import logging
+
+import pytest
+import torch
+from monai.data import DataLoader, Dataset, MetaTensor
+from monai.engines import SupervisedEvaluator
+from monai.handlers import MetricsSaver, StatsHandler, from_engine
+from monai.networks.nets import UNet
+from monai.transforms import Activationsd, Compose, CopyItemsd
+
+from monai_nacl.calibration import TemperatureScaled
+from monai_nacl.handlers import CalibrationHandler, ReliabilityDiagramHandler, TemperatureFitHandler
+from monai_nacl.metrics import CalibrationMetric
+
+
+def _data(n=3):
+    g = torch.Generator().manual_seed(0)
+    items = []
+    for i in range(n):
+        label = torch.zeros(1, 16, 16, 16)
+        label[:, 4:12, 4:12, 4:12] = 1
+        label[:, 6:10, 6:10, 8:12] = 2
+        image = label / 2 + 0.3 * torch.randn(label.shape, generator=g)
+        meta = {"filename_or_obj": f"case_{i:03d}.nii.gz"}
+        items.append({"image": MetaTensor(image, meta=meta), "label": MetaTensor(label, meta=dict(meta))})
+    return items
+
+
+def test_evaluator_with_all_handlers(tmp_path, caplog):
+    torch.manual_seed(0)
+    net = TemperatureScaled(UNet(3, 1, 3, channels=(4, 8), strides=(2,), num_res_units=1))
+    post = Compose([CopyItemsd("pred", names="logits"), Activationsd("pred", softmax=True)])
+    evaluator = SupervisedEvaluator(
+        device=torch.device("cpu"),
+        val_data_loader=DataLoader(Dataset(_data()), batch_size=2),
+        network=net,
+        postprocessing=post,
+    )
+    calib = CalibrationHandler(3, mask="all", output_transform=from_engine(["pred", "label"]))
+    calib.attach(evaluator, "val")
+    StatsHandler(iteration_log=False, name="eval", tag_name="val").attach(evaluator)
+    ReliabilityDiagramHandler(calib, tmp_path / "figs", class_names=["bg", "a", "b"]).attach(evaluator)
+    fit = TemperatureFitHandler(
+        net, 3, output_transform=from_engine(["logits", "label"]), save_path=tmp_path / "model.pt"
+    )
+    fit.attach(evaluator)
+    MetricsSaver(
+        save_dir=str(tmp_path / "csv"),
+        metrics=["val_ece"],
+        metric_details=["val_ece", "val_nll"],
+        batch_transform=lambda batch: [item["image"].meta for item in batch],
+        summary_ops=None,
+    ).attach(evaluator)
+    with caplog.at_level(logging.INFO):
+        evaluator.run()
+
+    metrics = evaluator.state.metrics
+    for key in ("val_ece", "val_ace", "val_mce", "val_cece", "val_nll", "val_brier", "val_n_volumes"):
+        assert key in metrics
+    assert metrics["val_n_volumes"] == 3
+    # the handler's value equals the metric run directly on the same probabilities
+    direct = CalibrationMetric(3)
+    with torch.no_grad():
+        for item in _data():
+            direct(torch.softmax(net.network(item["image"][None]), 1), item["label"][None])
+    assert abs(metrics["val_ece"] - direct.aggregate()["ece"]) < 1e-6
+
+    payload = json.loads((tmp_path / "figs" / "reliability.json").read_text())
+    assert payload["metrics"]["ece"] == metrics["val_ece"]
+    assert sum(payload["bins"]["top_label"]["count"]) == 3 * 16**3
+    assert (tmp_path / "figs" / "reliability.png").stat().st_size > 10_000
+
+    rows = list(csv.reader(open(tmp_path / "csv" / "val_ece_raw.csv")))
+    assert [r[0] for r in rows[1:]] == ["case_000.nii.gz", "case_001.nii.gz", "case_002.nii.gz"]
+    assert sum(float(r[1]) for r in rows[1:]) / 3 == pytest.approx(metrics["val_ece"], abs=1e-6)
+
+    state = torch.load(tmp_path / "model.pt", weights_only=True)
+    assert state["temperature"].item() == fit.fitted.item() != 1.0
+    assert "temperature" in metrics

@@ -1,0 +1,93 @@
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+import torch.nn as nn
+from monai.networks.nets import UNet
+
+from monai_nacl.calibration import TemperatureFitter, TemperatureScaled, fit_temperature
+from monai_nacl.metrics import CalibrationMetric
+
+
+def _calibrated_toy(rng, n=4, c=3, size=16):
+    """Labels drawn from softmax(z): z is perfectly calibrated by construction."""
+    z = torch.randn(n, c, size, size, size, generator=rng) * 2.0
+    p = torch.softmax(z, 1)
+    flat = p.movedim(1, -1).reshape(-1, c)
+    y = torch.multinomial(flat, 1, generator=rng).view(n, size, size, size)[:, None]
+    return z, y
+
+
+def _metrics(z, y):
+    m = CalibrationMetric(z.shape[1])
+    m(torch.softmax(z, 1), y)
+    return m.aggregate("micro")
+
+
+@pytest.mark.parametrize("per_class", [False, True])
+def test_overconfident_logits_recover_temperature_five(per_class, rng):
+    z, y = _calibrated_toy(rng)
+    fitter = TemperatureFitter(3, per_class=per_class, voxels_per_volume=3000)
+    fitter.update(z * 5, y)
+    t = fitter.fit()
+    assert t.shape == ((3,) if per_class else (1,))
+    assert torch.all((t - 5).abs() / 5 < 0.10), t
+    before, after = _metrics(z * 5, y), _metrics(z * 5 / t.view(1, -1, 1, 1, 1), y)
+    assert after["nll"] < before["nll"] and after["ece"] < before["ece"]
+    assert fitter.samples()[0].shape[0] == 4 * 3000  # bounded sample, not every voxel
+
+
+def test_fit_is_bounded(rng):
+    z, y = _calibrated_toy(rng, n=1)
+    fitter = TemperatureFitter(3)
+    fitter.update(z * 1e4, y)  # absurdly overconfident: optimum above T_MAX
+    assert fitter.fit().item() == pytest.approx(20.0, rel=1e-3)
+
+
+class _Identity(nn.Module):
+    def forward(self, x):
+        return x
+
+
+def test_fit_temperature_composes_with_existing_temperature(rng):
+    z, y = _calibrated_toy(rng, n=2)
+    net = TemperatureScaled(_Identity(), temperature=2.0)
+    net.register_parameter("dummy", nn.Parameter(torch.zeros(1)))
+    data = [{"image": z[i : i + 1] * 5, "label": y[i : i + 1]} for i in range(2)]
+    total = fit_temperature(net, data, num_classes=3)
+    assert total.item() == pytest.approx(5.0, rel=0.1)  # 2 already applied, correction ~2.5
+    net.set_temperature(total)
+    assert _metrics(net(z * 5), y)["nll"] < _metrics(z * 5 / 2, y)["nll"]
+
+
+def test_wrapper_state_dict_torchscript_and_dropout():
+    unet = UNet(3, 1, 3, channels=(4, 8), strides=(2,), num_res_units=1)
+    net = TemperatureScaled(unet, num_classes=3, per_class=True, dropout=0.2)
+    assert all(m.p == 0.2 for m in net.modules() if isinstance(m, nn.Dropout))
+    net.set_temperature(torch.tensor([1.5, 2.0, 3.0]))
+    buf = io.BytesIO()
+    torch.save(net.state_dict(), buf)
+    buf.seek(0)
+    state = torch.load(buf, weights_only=True)
+    assert torch.equal(state["temperature"], torch.tensor([1.5, 2.0, 3.0]))
+    fresh = TemperatureScaled(UNet(3, 1, 3, channels=(4, 8), strides=(2,), num_res_units=1), 3, per_class=True)
+    fresh.load_state_dict(state)
+    fresh.eval()
+    x = torch.randn(1, 1, 8, 8, 8)
+    expected = fresh.network(x) / torch.tensor([1.5, 2.0, 3.0]).view(1, 3, 1, 1, 1)
+    torch.testing.assert_close(fresh(x), expected)
+    scripted = torch.jit.script(fresh)
+    torch.testing.assert_close(scripted(x), expected)
+
+
+def test_bad_temperatures_and_inputs():
+    with pytest.raises(ValueError, match="temperature"):
+        TemperatureScaled(_Identity(), temperature=0.0)
+    with pytest.raises(ValueError, match="num_classes"):
+        TemperatureScaled(_Identity(), per_class=True)
+    with pytest.raises(ValueError, match="no voxels"):
+        TemperatureFitter(3).fit()
+    with pytest.raises(ValueError, match="NaN"):
+        TemperatureFitter(3).update(torch.full((1, 3, 2, 2, 2), float("nan")), torch.zeros(1, 1, 2, 2, 2))
