@@ -6,5 +6,15 @@ from monai_nacl.handlers.calibration import (
     TemperatureFitHandler,
     atomic_save,
 )
+from monai_nacl.handlers.checkpoint import ResumableCheckpoint, latest_checkpoint
+from monai_nacl.handlers.prior import PriorFromBatch
 
-__all__ = ["CalibrationHandler", "ReliabilityDiagramHandler", "TemperatureFitHandler", "atomic_save"]
+__all__ = [
+    "ResumableCheckpoint",
+    "latest_checkpoint",
+    "PriorFromBatch",
+    "CalibrationHandler",
+    "ReliabilityDiagramHandler",
+    "TemperatureFitHandler",
+    "atomic_save",
+]

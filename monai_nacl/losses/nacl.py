@@ -133,6 +133,15 @@ class NACLLoss(_Loss):
             else None
         )
         self.last_components: dict[str, torch.Tensor] = {}
+        self._next_prior: torch.Tensor | None = None
+
+    def use_prior_once(self, prior: torch.Tensor) -> None:
+        """Make the next ``forward`` call without an explicit ``prior`` use this one (then forget it).
+
+        For training engines that call ``loss(pred, label)`` only, e.g. MONAI's ``SupervisedTrainer``: see
+        :class:`monai_nacl.handlers.PriorFromBatch`.
+        """
+        self._next_prior = prior
 
     def prior(self, labels: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """τ for labels ``B,1,*spatial`` with this loss's kernel, padding and ignore index."""
@@ -159,6 +168,8 @@ class NACLLoss(_Loss):
         input = as_tensor(input)
         check_logits(input, self.num_classes, self.spatial_dims)
         labels = labels_from_target(target, input, self.num_classes, self.ignore_index)
+        if prior is None and self._next_prior is not None:
+            prior, self._next_prior = self._next_prior, None
         if prior is None:
             tau = self.prior(labels)
         else:

@@ -1,0 +1,159 @@
+"""Offline Model Zoo-equivalent checks for the bundles in ``bundles/``.
+
+Run ``python -m monai_nacl.bundle_check [BUNDLE ...]`` (default: every ``bundles/*_segmentation``). For each
+bundle it checks the zoo's file layout, validates ``configs/metadata.json`` against both metadata schemas
+(offline copies from ``../shared/monai_schema``, copied into ``<bundle>/eval/`` at check time), that
+``ConfigWorkflow.check_properties()`` is empty for train and infer, the ids MONAI Label reads, that
+``models/model.pt`` is a plain state_dict loading with ``weights_only=True``, and runs MONAI's
+``verify_net_in_out`` and ``ckpt_export``. Exit status 1 when anything fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+
+REQUIRED_FILES = (
+    "LICENSE",
+    "configs/metadata.json",
+    "configs/train.json",
+    "configs/evaluate.json",
+    "configs/inference.json",
+    "configs/multi_gpu_train.json",
+    "configs/multi_gpu_evaluate.json",
+    "configs/logging.conf",
+    "docs/README.md",
+    "models/model.pt",
+)
+SCHEMAS = {
+    "meta_schema_20220324.json": "662135097106b71067cd1fc657f8720f",
+    "meta_schema_20240725.json": "06954cad2cc5d3784e72077ac76f0fc8",
+}
+MONAI_LABEL_IDS = ("network", "network_def", "train#dataset#data", "validate#dataset#data")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def default_schema_dir() -> Path:
+    return Path(os.environ.get("MONAI_NACL_SCHEMA_DIR", ROOT.parent / "shared" / "monai_schema"))
+
+
+def check_bundle(bundle: str | Path, schema_dir: str | Path | None = None, export: bool = True) -> list[str]:
+    """Run every check on one bundle; return the list of problems (empty when it passes)."""
+    from monai.bundle import ConfigParser, ConfigWorkflow, ckpt_export, verify_metadata, verify_net_in_out
+
+    bundle = Path(bundle).resolve()
+    problems: list[str] = []
+    for rel in REQUIRED_FILES:
+        if not (bundle / rel).is_file():
+            problems.append(f"missing {rel}")
+    if problems:
+        return problems
+    configs = bundle / "configs"
+    meta_file = str(configs / "metadata.json")
+    eval_dir = bundle / "eval"
+    eval_dir.mkdir(exist_ok=True)
+
+    schema_dir = Path(schema_dir) if schema_dir else default_schema_dir()
+    for name, md5 in SCHEMAS.items():
+        src = schema_dir / name
+        if not src.is_file():
+            problems.append(f"schema {src} not found (set MONAI_NACL_SCHEMA_DIR)")
+            continue
+        dst = eval_dir / name
+        shutil.copyfile(src, dst)
+        try:
+            verify_metadata(meta_file=meta_file, filepath=str(dst), hash_val=md5)
+        except Exception as e:  # verify_metadata raises ValidationError and others
+            problems.append(f"metadata invalid against {name}: {e}")
+
+    meta = json.loads(Path(meta_file).read_text())
+    fmt = meta.get("network_data_format", {})
+    if "image" not in fmt.get("inputs", {}):
+        problems.append("metadata input key must be 'image'")
+    if "pred" not in fmt.get("outputs", {}) or not fmt["outputs"]["pred"].get("channel_def"):
+        problems.append("metadata output key must be 'pred' with label names in channel_def")
+
+    train_cfg = [str(configs / "train.json")]
+    for workflow_type, cfg in (("train", train_cfg), ("infer", str(configs / "inference.json"))):
+        wf = ConfigWorkflow(
+            config_file=cfg,
+            meta_file=meta_file,
+            logging_file=str(configs / "logging.conf"),
+            workflow_type=workflow_type,
+            bundle_root=str(bundle),
+        )
+        wf.initialize()
+        missing = wf.check_properties()
+        if missing:
+            problems.append(f"{workflow_type} workflow lacks required properties: {missing}")
+
+    parser = ConfigParser()
+    parser.read_config(configs / "train.json")
+    for key in MONAI_LABEL_IDS:
+        if key not in parser:
+            problems.append(f"train.json lacks the id '{key}' that MONAI Label reads")
+
+    try:
+        state = torch.load(bundle / "models" / "model.pt", map_location="cpu", weights_only=True)
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            problems.append("models/model.pt is not a flat state_dict of tensors")
+    except Exception as e:
+        problems.append(f"models/model.pt does not load with weights_only=True: {e}")
+
+    override = {"bundle_root": str(bundle)}
+    try:
+        verify_net_in_out(
+            net_id="network_def",
+            meta_file=meta_file,
+            config_file=str(configs / "inference.json"),
+            device="cpu",
+            n=1,
+            any=8,
+            **override,
+        )
+    except Exception as e:
+        problems.append(f"verify_net_in_out failed: {e}")
+    if export:
+        try:
+            ckpt_export(
+                net_id="network_def",
+                filepath=str(eval_dir / "model.ts"),
+                ckpt_file=str(bundle / "models" / "model.pt"),
+                meta_file=meta_file,
+                config_file=str(configs / "inference.json"),
+                **override,
+            )
+            torch.jit.load(str(eval_dir / "model.ts"))
+        except Exception as e:
+            problems.append(f"ckpt_export failed: {e}")
+    return problems
+
+
+def all_bundles() -> list[Path]:
+    return sorted(p for p in (ROOT / "bundles").glob("*_segmentation") if p.is_dir())
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("bundles", nargs="*", type=Path, help="bundle folders (default: bundles/*_segmentation)")
+    ap.add_argument("--schema-dir", type=Path, default=None)
+    ap.add_argument("--no-export", action="store_true", help="skip ckpt_export (TorchScript)")
+    args = ap.parse_args(argv)
+    failed = 0
+    for bundle in args.bundles or all_bundles():
+        problems = check_bundle(bundle, args.schema_dir, export=not args.no_export)
+        print(f"{'FAIL' if problems else 'ok  '} {bundle}")
+        for p in problems:
+            print(f"     - {p}")
+        failed += bool(problems)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,101 @@
+"""Datalists on disk: synthetic phantom datasets and integrity checks that fail fast, naming the case."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from monai_nacl.data.phantoms import make_phantom
+
+__all__ = ["phantom_datalist", "check_datalist"]
+
+
+def phantom_datalist(
+    dataset_dir: str | Path,
+    num_train: int = 16,
+    num_val: int = 4,
+    num_test: int = 4,
+    shape: Sequence[int] = (40, 40, 40),
+    seed: int = 0,
+) -> dict[str, list[dict[str, str]]]:
+    """Write seeded phantoms as NIfTI (once; existing files are reused) and return the datalist.
+
+    Files go to ``dataset_dir/imagesTr`` and ``labelsTr`` as ``phantom_NNNN.nii.gz`` (1 mm, identity
+    affine); splits use disjoint seeds (``seed + i``, ``seed + 1000 + i``, ``seed + 2000 + i``), so the same
+    arguments always give the same data. ``dataset_dir/datalist.json`` records the result.
+
+    Returns:
+        ``{"training": [...], "validation": [...], "test": [...]}`` with ``{"image": path, "label": path}`` items.
+    """
+    root = Path(dataset_dir)
+    (root / "imagesTr").mkdir(parents=True, exist_ok=True)
+    (root / "labelsTr").mkdir(parents=True, exist_ok=True)
+    splits = {"training": (seed, num_train), "validation": (seed + 1000, num_val), "test": (seed + 2000, num_test)}
+    out: dict[str, list[dict[str, str]]] = {}
+    for split, (start, n) in splits.items():
+        items = []
+        for s in range(start, start + n):
+            name = f"phantom_{s:04d}_{'x'.join(str(int(v)) for v in shape)}.nii.gz"
+            image_path, label_path = root / "imagesTr" / name, root / "labelsTr" / name
+            if not (image_path.exists() and label_path.exists()):
+                image, label = make_phantom(s, shape)
+                affine = np.eye(4)
+                # write to a temporary name first: an interrupted run never leaves a truncated volume behind, and
+                # concurrent writers (one per distributed rank) each rename their own identical file
+                for arr, path in ((image[0], image_path), (label[0], label_path)):
+                    tmp = path.with_name(f"tmp{os.getpid()}_{path.name}")
+                    nib.save(nib.Nifti1Image(arr, affine), tmp)
+                    tmp.replace(path)
+            items.append({"image": str(image_path), "label": str(label_path)})
+        out[split] = items
+    (root / "datalist.json").write_text(json.dumps(out, indent=4))
+    return out
+
+
+def check_datalist(
+    items: Sequence[dict], num_classes: int, image_key: str = "image", label_key: str = "label", atol: float = 1e-3
+) -> int:
+    """Check every case before training: files exist and load, image and label agree in shape and affine,
+    label values are integers in ``[0, num_classes)``. Reads headers and labels only once per case.
+
+    Returns:
+        the number of cases checked.
+
+    Raises:
+        ValueError: on the first bad case, naming it and the problem.
+    """
+    if not items:
+        raise ValueError("the datalist is empty.")
+    for i, item in enumerate(items):
+        case = item.get(label_key) or item.get(image_key) or f"item {i}"
+        paths = {}
+        for key in (image_key, label_key):
+            value = item.get(key)
+            if value is None:
+                raise ValueError(f"case {i} ({case}): no '{key}' entry.")
+            for p in [value] if isinstance(value, (str, Path)) else list(value):
+                if not Path(p).is_file():
+                    raise ValueError(f"case {i} ({case}): {key} file not found: {p}")
+            paths[key] = [value] if isinstance(value, (str, Path)) else list(value)
+        try:
+            imgs = [nib.load(str(p)) for p in paths[image_key]]
+            lab = nib.load(str(paths[label_key][0]))
+        except Exception as e:  # nibabel raises several types for corrupt files
+            raise ValueError(f"case {i} ({case}): cannot read: {e}") from e
+        for img, p in zip(imgs, paths[image_key]):
+            if tuple(img.shape[:3]) != tuple(lab.shape[:3]):
+                raise ValueError(f"case {i} ({case}): image {p} shape {img.shape} != label shape {lab.shape}.")
+            if not np.allclose(img.affine, lab.affine, atol=atol):
+                raise ValueError(f"case {i} ({case}): image {p} and label affines differ:\n{img.affine}\n{lab.affine}")
+        values = np.unique(np.asanyarray(lab.dataobj))
+        bad = values[(values < 0) | (values >= num_classes) | (values != np.round(values))]
+        if bad.size:
+            raise ValueError(
+                f"case {i} ({case}): label values {bad[:8].tolist()} outside the classes [0, {num_classes})."
+            )
+    return len(items)

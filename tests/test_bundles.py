@@ -1,0 +1,195 @@
+"""Bundle workflows through MONAI's ConfigWorkflow on tiny data, zoo-equivalent checks, multi-GPU (CPU, gloo)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import pytest
+import torch
+from ignite.engine import Events
+from monai.bundle import ConfigWorkflow
+
+from monai_nacl.bundle_check import all_bundles, check_bundle, default_schema_dir
+
+ROOT = Path(__file__).resolve().parents[1]
+BUNDLES = all_bundles()
+QUICKSTART = ROOT / "bundles" / "phantom_nacl_segmentation"
+
+
+def _tiny(tmp_path: Path) -> dict:
+    return {
+        "ckpt_dir": str(tmp_path / "models"),
+        "output_dir": str(tmp_path / "eval"),
+        "dataset_dir": str(tmp_path / "data"),
+        "num_train": 2,
+        "num_val": 1,
+        "num_test": 1,
+        "val_interval": 1,
+        "train#trainer#max_epochs": 1,
+        "train#handlers#4#log_dir": str(tmp_path / "tb"),
+        "validate#handlers#1#log_dir": str(tmp_path / "tb"),
+    }
+
+
+def _workflow(bundle: Path, configs, workflow_type: str, **override) -> ConfigWorkflow:
+    files = [str(bundle / "configs" / c) for c in configs]
+    wf = ConfigWorkflow(
+        config_file=files if len(files) > 1 else files[0],
+        meta_file=str(bundle / "configs" / "metadata.json"),
+        logging_file=str(bundle / "configs" / "logging.conf"),
+        workflow_type=workflow_type,
+        bundle_root=str(bundle),
+        **override,
+    )
+    wf.initialize()
+    assert wf.check_properties() == []
+    return wf
+
+
+@pytest.mark.skipif(not default_schema_dir().is_dir(), reason=f"metadata schemas not found at {default_schema_dir()}")
+@pytest.mark.parametrize("bundle", BUNDLES, ids=[b.name for b in BUNDLES])
+def test_zoo_checks_pass(bundle):
+    assert check_bundle(bundle) == []
+
+
+def test_train_evaluate_infer_workflows(tmp_path):
+    tiny = _tiny(tmp_path)
+    train = _workflow(QUICKSTART, ["train.json"], "train", **tiny)
+    train.run()
+    train.finalize()
+    assert (tmp_path / "models" / "model.pt").is_file()
+    assert (tmp_path / "models" / "train_checkpoint_1.pt").is_file()
+
+    tiny.pop("train#handlers#4#log_dir")
+    tiny.pop("validate#handlers#1#log_dir")
+    evaluate = _workflow(QUICKSTART, ["train.json", "evaluate.json"], "train", **tiny)
+    evaluate.run()
+    metrics = evaluate.parser.get_parsed_content("validate#evaluator").state.metrics
+    for key in ("val_mean_dice", "val_hd95", "val_ece", "val_cece", "val_nll", "val_brier"):
+        assert key in metrics
+    assert (tmp_path / "eval" / "reliability.png").is_file()
+    assert (tmp_path / "eval" / "val_ece_raw.csv").is_file()
+
+    calibrate = _workflow(QUICKSTART, ["train.json", "calibrate.json"], "train", **tiny)
+    calibrate.run()
+    state = torch.load(tmp_path / "models" / "model.pt", weights_only=True)
+    assert state["temperature"].item() != 1.0
+
+    infer = _workflow(
+        QUICKSTART,
+        ["inference.json"],
+        "infer",
+        ckpt_dir=str(tmp_path / "models"),
+        output_dir=str(tmp_path / "out"),
+        dataset_dir=str(tmp_path / "data"),
+    )
+    infer.run()
+    case = "phantom_2000_40x40x40"
+    seg = nib.load(tmp_path / "out" / f"{case}_seg.nii.gz")
+    prob = nib.load(tmp_path / "out" / f"{case}_prob.nii.gz")
+    ent = nib.load(tmp_path / "out" / f"{case}_entropy.nii.gz")
+    src = nib.load(tmp_path / "data" / "imagesTr" / f"{case}.nii.gz")
+    assert seg.shape == src.shape and ent.shape == src.shape and prob.shape == (*src.shape, 4)
+    assert (abs(seg.affine - src.affine) < 1e-5).all()
+
+
+def test_training_killed_mid_epoch_resumes(tmp_path):
+    tiny = {**_tiny(tmp_path), "train#trainer#max_epochs": 2, "val_interval": 5}
+    first = _workflow(QUICKSTART, ["train.json"], "train", **tiny)
+    trainer = first.parser.get_parsed_content("train#trainer")
+
+    def kill(engine):
+        if engine.state.epoch == 2:
+            raise KeyboardInterrupt("simulated kill in epoch 2")
+
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, kill)
+    with pytest.raises(KeyboardInterrupt):
+        first.run()
+    saved = sorted(p.name for p in (tmp_path / "models").glob("train_checkpoint_*.pt"))
+    assert saved == ["train_checkpoint_1.pt"]
+    assert not list((tmp_path / "models").glob("*.tmp"))
+
+    second = _workflow(QUICKSTART, ["train.json"], "train", **tiny)
+    trainer2 = second.parser.get_parsed_content("train#trainer")
+    assert trainer2.state.epoch == 1  # epoch 1 kept
+    second.run()
+    assert trainer2.state.epoch == 2
+    assert (tmp_path / "models" / "train_checkpoint_2.pt").is_file()
+
+
+def test_multi_gpu_config_with_torchrun_on_cpu(tmp_path):
+    tiny = {**_tiny(tmp_path), "num_val": 2}  # the validation sampler needs a case per rank
+    args = []
+    for k, v in tiny.items():
+        args += [f"--{k}", str(v)]
+    cfg = QUICKSTART / "configs"
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        f"--master_port={29500 + os.getpid() % 1000}",
+        "-m",
+        "monai.bundle",
+        "run",
+        "--config_file",
+        f"['{cfg / 'train.json'}','{cfg / 'multi_gpu_train.json'}']",
+        "--meta_file",
+        str(cfg / "metadata.json"),
+        "--bundle_root",
+        str(QUICKSTART),
+        *args,
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert (tmp_path / "models" / "train_checkpoint_1.pt").is_file()
+    assert "val_ece" in result.stdout + result.stderr
+
+
+def test_inference_preprocessing_survives_monai_label_keys(tmp_path):
+    from monai_nacl.data import phantom_datalist
+
+    item = phantom_datalist(tmp_path, 0, 0, 1)["test"][0]
+    wf = _workflow(QUICKSTART, ["inference.json"], "infer", dataset_dir=str(tmp_path))
+    pre = wf.parser.get_parsed_content("preprocessing")
+    # MONAI Label adds string entries such as image_path next to the image
+    out = pre({"image": item["image"], "image_path": item["image"], "label_path": "none", "model": "x"})
+    assert out["image"].shape == (1, 40, 40, 40)
+    assert out["image_path"] == item["image"]
+
+
+def test_prior_reaches_the_loss_in_training(tmp_path):
+    tiny = _tiny(tmp_path)
+    wf = _workflow(QUICKSTART, ["train.json"], "train", **tiny)
+    loss = wf.parser.get_parsed_content("loss")
+    used = []
+    original = loss.forward
+
+    def spy(input, target, prior=None):
+        used.append(loss._next_prior is not None and loss._next_prior.shape == input.shape)
+        return original(input, target, prior)
+
+    loss.forward = spy
+    wf.run()
+    assert used and all(used)
+
+
+def test_shipped_model_loads_plain(tmp_path):
+    state = torch.load(QUICKSTART / "models" / "model.pt", weights_only=True)
+    assert "temperature" in state and state["temperature"].numel() == 1
+    shutil.copy(QUICKSTART / "models" / "model.pt", tmp_path / "model.pt")
+
+
+def test_quickstart_command_runs_train_calibrate_evaluate(tmp_path):
+    from monai_nacl.quickstart import main
+
+    metrics = main(["--out", str(tmp_path), "--epochs", "1"])
+    assert {"val_mean_dice", "val_ece", "val_cece", "val_hd95"} <= set(metrics)
+    assert (tmp_path / "eval" / "reliability.png").is_file()
+    assert torch.load(tmp_path / "models" / "model.pt", weights_only=True)["temperature"].item() != 1.0
