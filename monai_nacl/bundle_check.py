@@ -43,8 +43,14 @@ def default_schema_dir() -> Path:
     return Path(os.environ.get("MONAI_NACL_SCHEMA_DIR", ROOT.parent / "shared" / "monai_schema"))
 
 
-def check_bundle(bundle: str | Path, schema_dir: str | Path | None = None, export: bool = True) -> list[str]:
-    """Run every check on one bundle; return the list of problems (empty when it passes)."""
+def check_bundle(
+    bundle: str | Path, schema_dir: str | Path | None = None, export: bool = True, dataset_dir: str | Path | None = None
+) -> list[str]:
+    """Run every check on one bundle; return the list of problems (empty when it passes).
+
+    ``dataset_dir`` overrides the bundle's data location: the train workflow's ``initialize`` checks the
+    datalist, so bundles of real datasets need their data (the quickstart generates its own).
+    """
     from monai.bundle import ConfigParser, ConfigWorkflow, ckpt_export, verify_metadata, verify_net_in_out
 
     bundle = Path(bundle).resolve()
@@ -87,8 +93,14 @@ def check_bundle(bundle: str | Path, schema_dir: str | Path | None = None, expor
             logging_file=str(configs / "logging.conf"),
             workflow_type=workflow_type,
             bundle_root=str(bundle),
+            **({"dataset_dir": str(dataset_dir)} if dataset_dir else {}),
         )
-        wf.initialize()
+        try:
+            wf.initialize()
+        except Exception as e:
+            cause = e.__cause__ or e
+            problems.append(f"{workflow_type} workflow does not initialize ({cause}); is dataset_dir set?")
+            continue
         missing = wf.check_properties()
         if missing:
             problems.append(f"{workflow_type} workflow lacks required properties: {missing}")
@@ -144,10 +156,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("bundles", nargs="*", type=Path, help="bundle folders (default: bundles/*_segmentation)")
     ap.add_argument("--schema-dir", type=Path, default=None)
     ap.add_argument("--no-export", action="store_true", help="skip ckpt_export (TorchScript)")
+    ap.add_argument(
+        "--dataset-dir",
+        action="append",
+        default=[],
+        metavar="BUNDLE=PATH",
+        help="data folder for a bundle, e.g. hippocampus_mri_nacl_segmentation=/data/Task04_Hippocampus",
+    )
     args = ap.parse_args(argv)
+    data = dict(item.split("=", 1) for item in args.dataset_dir)
     failed = 0
     for bundle in args.bundles or all_bundles():
-        problems = check_bundle(bundle, args.schema_dir, export=not args.no_export)
+        problems = check_bundle(bundle, args.schema_dir, export=not args.no_export, dataset_dir=data.get(bundle.name))
         print(f"{'FAIL' if problems else 'ok  '} {bundle}")
         for p in problems:
             print(f"     - {p}")

@@ -51,10 +51,17 @@ def _workflow(bundle: Path, configs, workflow_type: str, **override) -> ConfigWo
     return wf
 
 
+HIPPO_DATA = Path(os.environ.get("MONAI_NACL_HIPPOCAMPUS", ROOT.parent / "shared" / "data" / "hippocampus"))
+DATA_DIRS = {"hippocampus_mri_nacl_segmentation": HIPPO_DATA}
+
+
 @pytest.mark.skipif(not default_schema_dir().is_dir(), reason=f"metadata schemas not found at {default_schema_dir()}")
 @pytest.mark.parametrize("bundle", BUNDLES, ids=[b.name for b in BUNDLES])
 def test_zoo_checks_pass(bundle):
-    assert check_bundle(bundle) == []
+    data = DATA_DIRS.get(bundle.name)
+    if data is not None and not data.is_dir():
+        pytest.skip(f"{bundle.name} needs its data at {data} for the train workflow check")
+    assert check_bundle(bundle, dataset_dir=data) == []
 
 
 def test_train_evaluate_infer_workflows(tmp_path):
@@ -193,3 +200,53 @@ def test_quickstart_command_runs_train_calibrate_evaluate(tmp_path):
     assert {"val_mean_dice", "val_ece", "val_cece", "val_hd95"} <= set(metrics)
     assert (tmp_path / "eval" / "reliability.png").is_file()
     assert torch.load(tmp_path / "models" / "model.pt", weights_only=True)["temperature"].item() != 1.0
+
+
+HIPPO_BUNDLE = ROOT / "bundles" / "hippocampus_mri_nacl_segmentation"
+needs_hippocampus = pytest.mark.skipif(
+    not (HIPPO_DATA / "dataset.json").is_file(),
+    reason=f"MSD Task04 Hippocampus not found at {HIPPO_DATA} (set MONAI_NACL_HIPPOCAMPUS)",
+)
+
+
+@needs_hippocampus
+def test_hippocampus_train_evaluate_calibrate_infer(tmp_path):
+    from monai_nacl.data import load_datalist
+
+    full = load_datalist(HIPPO_BUNDLE / "configs" / "datalist.json", HIPPO_DATA)
+    assert [len(full[k]) for k in ("training", "validation", "test")] == [140, 20, 40]
+    tiny = {
+        "dataset_dir": str(HIPPO_DATA),
+        "datalist": {"training": full["training"][:2], "validation": full["validation"][:1], "test": full["test"][:1]},
+        "ckpt_dir": str(tmp_path / "models"),
+        "output_dir": str(tmp_path / "eval"),
+        "val_interval": 1,
+        "train#trainer#max_epochs": 1,
+    }
+    for configs in (["train.json"], ["train.json", "train_dice_ce.json"]):
+        wf = _workflow(HIPPO_BUNDLE, configs, "train", **tiny)
+        wf.run()
+        assert (tmp_path / "models" / "model.pt").is_file()
+    _workflow(HIPPO_BUNDLE, ["train.json", "calibrate.json"], "train", **tiny).run()
+    evaluate = _workflow(HIPPO_BUNDLE, ["train.json", "evaluate.json"], "train", **tiny)
+    evaluate.run()
+    assert "val_ece" in evaluate.parser.get_parsed_content("validate#evaluator").state.metrics
+
+    image = full["test"][0]["image"]
+    infer = _workflow(
+        HIPPO_BUNDLE,
+        ["inference.json"],
+        "infer",
+        datalist=[{"image": image}],
+        ckpt_dir=str(tmp_path / "models"),
+        output_dir=str(tmp_path / "out"),
+    )
+    infer.run()
+    name = Path(image).name.replace(".nii.gz", "")
+    src = nib.load(image)
+    for suffix in ("seg", "prob", "entropy"):
+        out = nib.load(tmp_path / "out" / f"{name}_{suffix}.nii.gz")
+        assert out.shape[:3] == src.shape and (abs(out.affine - src.affine) < 1e-5).all()
+    # MONAI Label adds string keys such as image_path; the preprocessing must pass them through
+    pre = infer.parser.get_parsed_content("preprocessing")
+    assert pre({"image": image, "image_path": image, "label_path": "x"})["image"].shape[1:] == src.shape

@@ -61,3 +61,17 @@ def test_voxel_entropy():
     assert h[0, 0].item() == pytest.approx(1.0) and h[0, 1].item() == pytest.approx(0.0, abs=1e-6)
     with pytest.raises(ValueError, match="C >= 2"):
         VoxelEntropy()(torch.ones(1, 3, 3))
+
+
+def test_load_datalist_resolves_relative_paths_and_names_missing(tmp_path):
+    from monai_nacl.data import load_datalist
+
+    (tmp_path / "split.json").write_text(
+        '{"training": [{"image": "./imagesTr/a.nii.gz", "label": "./labelsTr/a.nii.gz"}]}'
+    )
+    d = load_datalist(tmp_path / "split.json", tmp_path)
+    assert d["training"][0]["image"] == str((tmp_path / "imagesTr" / "a.nii.gz").resolve())
+    with pytest.raises(ValueError, match="dataset_dir not found"):
+        load_datalist(tmp_path / "split.json", tmp_path / "nowhere")
+    with pytest.raises(ValueError, match="datalist file not found"):
+        load_datalist(tmp_path / "none.json", tmp_path)

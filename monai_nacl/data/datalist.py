@@ -12,7 +12,7 @@ import numpy as np
 
 from monai_nacl.data.phantoms import make_phantom
 
-__all__ = ["phantom_datalist", "check_datalist"]
+__all__ = ["phantom_datalist", "check_datalist", "load_datalist"]
 
 
 def phantom_datalist(
@@ -99,3 +99,22 @@ def check_datalist(
                 f"case {i} ({case}): label values {bad[:8].tolist()} outside the classes [0, {num_classes})."
             )
     return len(items)
+
+
+def load_datalist(datalist_file: str | Path, dataset_dir: str | Path) -> dict[str, list[dict[str, str]]]:
+    """Read a split file (``{"training": [{"image": rel, "label": rel}, ...], "validation": ..., "test": ...}``
+    with paths relative to the dataset root, MSD style ``./imagesTr/x.nii.gz``) and return absolute paths.
+
+    Raises:
+        ValueError: when the file or ``dataset_dir`` is missing, naming them.
+    """
+    datalist_file, root = Path(datalist_file), Path(dataset_dir)
+    if not datalist_file.is_file():
+        raise ValueError(f"datalist file not found: {datalist_file}")
+    if not root.is_dir():
+        raise ValueError(f"dataset_dir not found: {root} (set dataset_dir to your copy of the data)")
+    splits = json.loads(datalist_file.read_text())
+    return {
+        split: [{k: str((root / v).resolve()) if isinstance(v, str) else v for k, v in item.items()} for item in items]
+        for split, items in splits.items()
+    }

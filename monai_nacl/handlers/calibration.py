@@ -98,7 +98,9 @@ class CalibrationHandler(Metric):
             rows = torch.tensor([[v[k] for k in KEYS] for v in self.metric.get_per_volume()], dtype=torch.float32)
             rows = rows.reshape(-1, len(KEYS))
             if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-                rows = evenly_divisible_all_gather(rows, concat=True)
+                if dist.get_backend() == "nccl":
+                    rows = rows.to(torch.device("cuda", torch.cuda.current_device()))
+                rows = evenly_divisible_all_gather(rows, concat=True).cpu()
             details = getattr(engine.state, "metric_details", None)
             if details is None:
                 details = engine.state.metric_details = {}
