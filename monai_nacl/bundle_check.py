@@ -4,7 +4,7 @@ Run ``python -m monai_nacl.bundle_check [BUNDLE ...]`` (default: every ``bundles
 bundle it checks the zoo's file layout, validates ``configs/metadata.json`` against both metadata schemas
 (offline copies from ``../shared/monai_schema``, copied into ``<bundle>/eval/`` at check time), that
 ``ConfigWorkflow.check_properties()`` is empty for train and infer, the ids MONAI Label reads, that
-``models/model.pt`` is a plain state_dict loading with ``weights_only=True``, and runs MONAI's
+``models/model.pt`` (when the bundle ships weights) is a plain state_dict loading with ``weights_only=True``, and runs MONAI's
 ``verify_net_in_out`` and ``ckpt_export``. Exit status 1 when anything fails.
 """
 
@@ -29,7 +29,6 @@ REQUIRED_FILES = (
     "configs/multi_gpu_evaluate.json",
     "configs/logging.conf",
     "docs/README.md",
-    "models/model.pt",
 )
 SCHEMAS = {
     "meta_schema_20220324.json": "662135097106b71067cd1fc657f8720f",
@@ -111,12 +110,21 @@ def check_bundle(
         if key not in parser:
             problems.append(f"train.json lacks the id '{key}' that MONAI Label reads")
 
-    try:
-        state = torch.load(bundle / "models" / "model.pt", map_location="cpu", weights_only=True)
-        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-            problems.append("models/model.pt is not a flat state_dict of tensors")
-    except Exception as e:
-        problems.append(f"models/model.pt does not load with weights_only=True: {e}")
+    weights = bundle / "models" / "model.pt"
+    if weights.is_file():
+        try:
+            state = torch.load(weights, map_location="cpu", weights_only=True)
+            if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+                problems.append("models/model.pt is not a flat state_dict of tensors")
+        except Exception as e:
+            problems.append(f"models/model.pt does not load with weights_only=True: {e}")
+    else:
+        # bundles that ship configs only (no trained weights yet): export a freshly initialised network instead
+        parser = ConfigParser()
+        parser.read_config(configs / "inference.json")
+        parser["bundle_root"] = str(bundle)
+        weights = eval_dir / "model_untrained.pt"
+        torch.save(parser.get_parsed_content("network_def").state_dict(), weights)
 
     override = {"bundle_root": str(bundle)}
     try:
@@ -136,7 +144,7 @@ def check_bundle(
             ckpt_export(
                 net_id="network_def",
                 filepath=str(eval_dir / "model.ts"),
-                ckpt_file=str(bundle / "models" / "model.pt"),
+                ckpt_file=str(weights),
                 meta_file=meta_file,
                 config_file=str(configs / "inference.json"),
                 **override,

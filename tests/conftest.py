@@ -49,3 +49,22 @@ def reference_prior(
 @pytest.fixture
 def rng():
     return torch.Generator().manual_seed(1234)
+
+
+def torchrun_bundle(bundle, configs, overrides: dict, timeout: int = 600):
+    """Run ``monai.bundle run`` under ``torchrun --nproc_per_node=2`` on CPU (gloo); return the finished process."""
+    import os
+    import subprocess
+    import sys
+
+    cfg = bundle / "configs"
+    files = "[" + ",".join(f"'{cfg / c}'" for c in configs) + "]"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2"]
+    cmd += [f"--master_port={29500 + os.getpid() % 1000}", "-m", "monai.bundle", "run", "--config_file", files]
+    cmd += ["--meta_file", str(cfg / "metadata.json"), "--bundle_root", str(bundle)]
+    for k, v in overrides.items():
+        cmd += [f"--{k}", str(v)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result

@@ -4,20 +4,20 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import nibabel as nib
 import pytest
 import torch
+from conftest import torchrun_bundle
 from ignite.engine import Events
 from monai.bundle import ConfigWorkflow
 
 from monai_nacl.bundle_check import all_bundles, check_bundle, default_schema_dir
 
 ROOT = Path(__file__).resolve().parents[1]
-BUNDLES = all_bundles()
+# bundles that ship trained weights; the configs-only dataset bundles are checked in test_dataset_bundles.py
+BUNDLES = [b for b in all_bundles() if (b / "models" / "model.pt").is_file()]
 QUICKSTART = ROOT / "bundles" / "phantom_nacl_segmentation"
 
 
@@ -131,30 +131,7 @@ def test_training_killed_mid_epoch_resumes(tmp_path):
 
 def test_multi_gpu_config_with_torchrun_on_cpu(tmp_path):
     tiny = {**_tiny(tmp_path), "num_val": 2}  # the validation sampler needs a case per rank
-    args = []
-    for k, v in tiny.items():
-        args += [f"--{k}", str(v)]
-    cfg = QUICKSTART / "configs"
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node=2",
-        f"--master_port={29500 + os.getpid() % 1000}",
-        "-m",
-        "monai.bundle",
-        "run",
-        "--config_file",
-        f"['{cfg / 'train.json'}','{cfg / 'multi_gpu_train.json'}']",
-        "--meta_file",
-        str(cfg / "metadata.json"),
-        "--bundle_root",
-        str(QUICKSTART),
-        *args,
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    result = torchrun_bundle(QUICKSTART, ["train.json", "multi_gpu_train.json"], tiny)
     assert (tmp_path / "models" / "train_checkpoint_1.pt").is_file()
     assert "val_ece" in result.stdout + result.stderr
 
@@ -250,3 +227,29 @@ def test_hippocampus_train_evaluate_calibrate_infer(tmp_path):
     # MONAI Label adds string keys such as image_path; the preprocessing must pass them through
     pre = infer.parser.get_parsed_content("preprocessing")
     assert pre({"image": image, "image_path": image, "label_path": "x"})["image"].shape[1:] == src.shape
+
+
+@needs_hippocampus
+def test_hippocampus_multi_gpu_config_with_torchrun_on_cpu(tmp_path):
+    import json
+
+    full = json.loads((HIPPO_BUNDLE / "configs" / "datalist.json").read_text())
+    small = {"training": full["training"][:2], "validation": full["validation"][:2], "test": full["test"][:1]}
+    (tmp_path / "datalist.json").write_text(json.dumps(small))
+    overrides = {
+        "dataset_dir": HIPPO_DATA,
+        "datalist#datalist_file": tmp_path / "datalist.json",
+        "ckpt_dir": tmp_path / "models",
+        "output_dir": tmp_path / "eval",
+        "val_interval": 1,
+        "train#trainer#max_epochs": 1,
+    }
+    result = torchrun_bundle(HIPPO_BUNDLE, ["train.json", "multi_gpu_train.json"], overrides)
+    assert (tmp_path / "models" / "train_checkpoint_1.pt").is_file()
+    assert "val_ece" in result.stdout + result.stderr
+
+
+def test_shipped_hippocampus_models_load_plain():
+    for name in ("model.pt", "model_dice_ce.pt"):
+        state = torch.load(HIPPO_BUNDLE / "models" / name, weights_only=True)
+        assert state["temperature"].item() > 1.0 and all(isinstance(v, torch.Tensor) for v in state.values())

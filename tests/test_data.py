@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from pathlib import Path
+
 import nibabel as nib
 import numpy as np
 import pytest
@@ -75,3 +77,62 @@ def test_load_datalist_resolves_relative_paths_and_names_missing(tmp_path):
         load_datalist(tmp_path / "split.json", tmp_path / "nowhere")
     with pytest.raises(ValueError, match="datalist file not found"):
         load_datalist(tmp_path / "none.json", tmp_path)
+
+
+# --- dataset layouts -------------------------------------------------------------------------------------------
+
+
+def test_layout_split_keeps_a_patients_frames_together_and_is_seeded(tmp_path):
+    from monai_nacl.data import build_datalist, write_fixture
+
+    root = write_fixture("acdc", tmp_path / "acdc", num_cases=10)  # 5 patients x (ED, ES)
+    splits = build_datalist("acdc", root)
+    patients = {k: {item["group"] for item in v} for k, v in splits.items()}
+    assert sum(len(v) for v in splits.values()) == 10
+    assert not (patients["training"] & patients["validation"]) and not (patients["training"] & patients["test"])
+    assert all(len(v) % 2 == 0 for v in splits.values())
+    assert build_datalist("acdc", root) == splits
+    assert build_datalist("acdc", root, seed=1) != splits or len(patients["test"]) == 1
+
+
+def test_layouts_read_channels_in_order(tmp_path):
+    from monai_nacl.data import find_cases, write_fixture
+
+    brats = find_cases("brats19", write_fixture("brats19", tmp_path / "b", num_cases=2))
+    assert [Path(p).name.rsplit("_", 1)[1] for p in brats[0]["image"]] == [
+        "flair.nii.gz",
+        "t1.nii.gz",
+        "t1ce.nii.gz",
+        "t2.nii.gz",
+    ]
+    mrb = find_cases("mrbrains18", write_fixture("mrbrains18", tmp_path / "m", num_cases=2))
+    assert [Path(p).name for p in mrb[0]["image"]] == ["FLAIR.nii.gz", "reg_T1.nii.gz", "reg_IR.nii.gz"]
+    prostate = find_cases("msd", write_fixture("msd", tmp_path / "p", num_cases=2))
+    assert nib.load(prostate[0]["image"]).shape[-1] == 2
+
+
+def test_layout_errors_name_the_problem(tmp_path):
+    from monai_nacl.data import build_datalist, find_cases, write_fixture
+
+    with pytest.raises(ValueError, match="unknown dataset"):
+        find_cases("lits", tmp_path)
+    with pytest.raises(ValueError, match="dataset_dir not found"):
+        find_cases("kits19", tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no kits19 cases found"):
+        find_cases("kits19", tmp_path / "empty")
+    root = write_fixture("brats19", tmp_path / "b", num_cases=2)
+    next(root.rglob("*_t1ce.nii.gz")).unlink()
+    with pytest.raises(ValueError, match="BraTS modality not found: .*_t1ce"):
+        find_cases("brats19", root)
+    with pytest.raises(ValueError, match="fractions"):
+        build_datalist("acdc", write_fixture("acdc", tmp_path / "a", num_cases=2), fractions=(1, 1))
+
+
+def test_check_datalist_accepts_raw_label_values(tmp_path):
+    from monai_nacl.data import build_datalist, write_fixture
+
+    items = sum(build_datalist("brats19", write_fixture("brats19", tmp_path, num_cases=3)).values(), [])
+    assert check_datalist(items, 4, label_values=[0, 1, 2, 4]) == 3
+    with pytest.raises(ValueError, match=r"label values \[4\] outside the classes"):
+        check_datalist(items, 4)

@@ -91,3 +91,13 @@ def test_bad_temperatures_and_inputs():
         TemperatureFitter(3).fit()
     with pytest.raises(ValueError, match="NaN"):
         TemperatureFitter(3).update(torch.full((1, 3, 2, 2, 2), float("nan")), torch.zeros(1, 1, 2, 2, 2))
+
+
+def test_compose_temperature_multiplies_and_clamps():
+    from monai_nacl.calibration import T_MAX, T_MIN, compose_temperature
+
+    assert torch.allclose(compose_temperature(torch.tensor([2.0]), torch.tensor([1.5])), torch.tensor([3.0]))
+    assert compose_temperature(torch.tensor([10.0]), torch.tensor([5.0])).item() == T_MAX
+    assert compose_temperature(torch.tensor([0.1]), torch.tensor([0.1])).item() == pytest.approx(T_MIN)
+    per_class = compose_temperature(torch.tensor([1.0, 2.0, 4.0]), torch.tensor([2.0, 1.0, 0.5]))
+    assert torch.allclose(per_class, torch.tensor([2.0, 2.0, 2.0]))

@@ -93,3 +93,25 @@ def test_cuda_tensor_stays_on_device(rng):
     tau = NeighborPrior(3)(lab)
     assert tau.device.type == "cuda"
     torch.testing.assert_close(tau.cpu().as_tensor(), NeighborPrior(3)(lab.cpu()).as_tensor())
+
+
+def test_safe_spacingd_keeps_string_keys_and_inverts(tmp_path):
+    import nibabel as nib
+    from monai.transforms import Compose, Invertd, LoadImaged, Spacingd
+
+    from monai_nacl.transforms import SafeSpacingd
+
+    path = tmp_path / "a.nii.gz"
+    nib.save(nib.Nifti1Image(np.random.rand(12, 10, 5).astype(np.float32), np.diag([0.8, 0.8, 3.0, 1.0])), path)
+    load = LoadImaged("image", ensure_channel_first=True, image_only=True)
+    with pytest.raises(AttributeError, match="'str' object has no attribute 'update'"):
+        Spacingd("image", pixdim=(1.6, 1.6, 1.5))(load({"image": str(path), "image_path": str(path)}))
+    pre = Compose([load, SafeSpacingd("image", pixdim=(1.6, 1.6, 1.5))])
+    out = pre({"image": str(path), "image_path": str(path), "label_path": "x"})
+    plain = Spacingd("image", pixdim=(1.6, 1.6, 1.5))(load({"image": str(path)}))  # MONAI without the extra key
+    assert torch.equal(out["image"].as_tensor(), plain["image"].as_tensor())
+    assert out["image_path"] == str(path) and out["label_path"] == "x"
+    assert np.allclose(out["image"].pixdim.tolist(), [1.6, 1.6, 1.5])
+    out["pred"] = out["image"].clone()
+    back = Invertd("pred", transform=pre, orig_keys="image")(out)
+    assert back["pred"].shape == (1, 12, 10, 5)

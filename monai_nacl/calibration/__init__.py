@@ -1,5 +1,12 @@
 """Post-hoc calibration: temperature scaling as part of the network."""
 
-from monai_nacl.calibration.temperature import T_MAX, T_MIN, TemperatureFitter, TemperatureScaled, fit_temperature
+from monai_nacl.calibration.temperature import (
+    T_MAX,
+    T_MIN,
+    TemperatureFitter,
+    TemperatureScaled,
+    compose_temperature,
+    fit_temperature,
+)
 
-__all__ = ["TemperatureScaled", "TemperatureFitter", "fit_temperature", "T_MIN", "T_MAX"]
+__all__ = ["TemperatureScaled", "TemperatureFitter", "fit_temperature", "compose_temperature", "T_MIN", "T_MAX"]

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from monai_nacl.validation import as_tensor, labels_from_target
 
-__all__ = ["TemperatureScaled", "TemperatureFitter", "fit_temperature", "T_MIN", "T_MAX"]
+__all__ = ["compose_temperature", "TemperatureScaled", "TemperatureFitter", "fit_temperature", "T_MIN", "T_MAX"]
 
 T_MIN, T_MAX = 0.05, 20.0
 
@@ -230,6 +230,10 @@ def fit_temperature(
         fitter.update(logits, batch[label_key])
     network.train(was_training)
     t = fitter.fit()
-    if isinstance(network, TemperatureScaled):
-        t = (t.to(network.temperature.device) * network.temperature).clamp(T_MIN, T_MAX).cpu()
-    return t
+    return compose_temperature(network.temperature, t) if isinstance(network, TemperatureScaled) else t
+
+
+def compose_temperature(current: torch.Tensor, correction: torch.Tensor) -> torch.Tensor:
+    """The total temperature to set after fitting ``correction`` on logits already divided by ``current``:
+    their product, kept within ``[T_MIN, T_MAX]`` (on the CPU)."""
+    return (correction.detach().cpu() * current.detach().cpu()).clamp(T_MIN, T_MAX)

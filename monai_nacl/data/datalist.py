@@ -58,10 +58,16 @@ def phantom_datalist(
 
 
 def check_datalist(
-    items: Sequence[dict], num_classes: int, image_key: str = "image", label_key: str = "label", atol: float = 1e-3
+    items: Sequence[dict],
+    num_classes: int,
+    image_key: str = "image",
+    label_key: str = "label",
+    atol: float = 1e-3,
+    label_values: Sequence[int] | None = None,
 ) -> int:
     """Check every case before training: files exist and load, image and label agree in shape and affine,
-    label values are integers in ``[0, num_classes)``. Reads headers and labels only once per case.
+    label values are integers in ``[0, num_classes)``, or among ``label_values`` when the files use a raw
+    labelling that a transform maps later (BraTS 0/1/2/4). Reads headers and labels only once per case.
 
     Returns:
         the number of cases checked.
@@ -93,11 +99,14 @@ def check_datalist(
             if not np.allclose(img.affine, lab.affine, atol=atol):
                 raise ValueError(f"case {i} ({case}): image {p} and label affines differ:\n{img.affine}\n{lab.affine}")
         values = np.unique(np.asanyarray(lab.dataobj))
-        bad = values[(values < 0) | (values >= num_classes) | (values != np.round(values))]
+        if label_values is None:
+            bad = values[(values < 0) | (values >= num_classes) | (values != np.round(values))]
+            allowed = f"the classes [0, {num_classes})"
+        else:
+            bad = values[~np.isin(values, np.asarray(label_values))]
+            allowed = f"the label values {list(label_values)}"
         if bad.size:
-            raise ValueError(
-                f"case {i} ({case}): label values {bad[:8].tolist()} outside the classes [0, {num_classes})."
-            )
+            raise ValueError(f"case {i} ({case}): label values {bad[:8].tolist()} outside {allowed}.")
     return len(items)
 
 

@@ -15,7 +15,7 @@ from ignite.engine import Engine, Events
 from ignite.metrics import Metric
 from monai.utils import evenly_divisible_all_gather
 
-from monai_nacl.calibration.temperature import TemperatureFitter, TemperatureScaled
+from monai_nacl.calibration.temperature import TemperatureFitter, TemperatureScaled, compose_temperature
 from monai_nacl.metrics.calibration import KEYS, CalibrationMetric
 from monai_nacl.visualize.reliability import plot_reliability
 
@@ -192,8 +192,7 @@ class TemperatureFitHandler:
 
     def _fit(self, engine: Engine) -> None:
         correction = self.fitter.fit()
-        current = self.network.temperature.detach().cpu()
-        total = (correction * current).clamp(0.05, 20.0)
+        total = compose_temperature(self.network.temperature, correction)
         self.network.set_temperature(total)
         self.fitted = total
         engine.state.metrics["temperature"] = total.tolist() if total.numel() > 1 else float(total)

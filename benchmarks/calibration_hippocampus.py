@@ -1,0 +1,308 @@
+"""NACL against every baseline on MSD Task04 Hippocampus, with temperature scaling and NACL ablations.
+
+Every method is trained by the Hippocampus bundle's own ``train.json`` (same network, split, patch, augmentation,
+optimiser, schedule and seed handling); a method only overrides the loss and, for methods without a precomputed
+prior, swaps the prior transform for a no-op (exactly as the bundle's ``train_dice_ce.json``). Then, in this
+process, the best checkpoint (validation Dice) is evaluated on the test split at T = 1, a temperature is fitted on
+the validation split (NLL, all voxels) and the test split is evaluated again at the fitted T.
+
+The work is a queue of runs; each run keeps its checkpoints (training resumes from the last finished epoch), writes
+``trained.json`` after training and ``result.json`` after evaluation, so a killed job loses at most one epoch. Rerunning skips finished runs and
+refreshes the tables.
+
+Usage::
+
+    python benchmarks/calibration_hippocampus.py --quick                 # minutes: smoke test on 16 cases
+    nohup python benchmarks/calibration_hippocampus.py > calib.log 2>&1 &  # full: hours on CPU
+    python benchmarks/calibration_hippocampus.py --runs nacl_mean_s123 dice_ce_s123   # a subset
+    python benchmarks/calibration_hippocampus.py --report-only           # tables from finished runs
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+BUNDLE = REPO / "bundles" / "hippocampus_mri_nacl_segmentation"
+DEFAULT_DATA = REPO.parent / "shared" / "data" / "hippocampus"
+CLASS_NAMES = ("background", "anterior", "posterior")
+SEEDS = (123, 1, 2)
+
+# Transforms of train.json's random list: #1 is the prior transform, #2 the crop, #3 the affine.
+NO_PRIOR = {
+    "train#handlers#0": {"_target_": "StatsHandler", "iteration_log": False, "epoch_log": False, "name": "no_prior"},
+    "train#random_transforms#1": {"_target_": "Identityd", "keys": "label"},
+    "train#random_transforms#2#keys": ["image", "label"],
+    "train#random_transforms#3#keys": ["image", "label"],
+    "train#random_transforms#3#mode": ["bilinear", "nearest"],
+}
+
+
+def _loss(target: str, **kwargs) -> dict:
+    return {"loss": {"_target_": f"monai_nacl.losses.{target}", "num_classes": "@num_classes", **kwargs}}
+
+
+def _nacl(**kwargs) -> dict:
+    options = {"base": "dice_ce", "alpha": 0.1, "kernel": "mean", "kernel_size": 3, **kwargs}
+    return _loss("NACLLoss", **options)
+
+
+# name -> (description, config override). NACL variants keep the bundle's prior transform, which reads the
+# loss's kernel options, so their override is the loss alone.
+METHODS: dict[str, tuple[str, dict]] = {
+    "dice_ce": ("CE+Dice", {**NO_PRIOR, **_loss("DiceCELoss")}),
+    "ce": ("CE", {**NO_PRIOR, **_loss("CrossEntropyLoss")}),
+    "focal": ("Focal (gamma 3)", {**NO_PRIOR, **_loss("FocalLoss", gamma=3.0)}),
+    "ls": ("Label smoothing (0.1)", {**NO_PRIOR, **_loss("LabelSmoothingLoss", epsilon=0.1)}),
+    "ecp": ("ECP (beta 0.1)", {**NO_PRIOR, **_loss("ECPLoss", beta=0.1)}),
+    "mbls": ("MbLS (m 10, lambda 0.1)", {**NO_PRIOR, **_loss("MbLSLoss", margin=10.0, lambda_margin=0.1)}),
+    "svls": ("SVLS (3^3, sigma 1)", {**NO_PRIOR, **_loss("SVLSLoss", kernel_size=3, sigma=1.0)}),
+    "nacl_mean": ("NACL mean prior (bundle)", _nacl()),
+    "nacl_gauss": ("NACL gaussian prior", _nacl(kernel="gaussian")),
+    "nacl_a0.01": ("NACL alpha 0.01", _nacl(alpha=0.01)),
+    "nacl_a0.5": ("NACL alpha 0.5", _nacl(alpha=0.5)),
+    "nacl_k5": ("NACL kernel 5", _nacl(kernel_size=5)),
+    "nacl_softmax": ("NACL penalty on softmax", _nacl(penalty_on="softmax")),
+    "nacl_patch": ("NACL prior on the patch", {**NO_PRIOR, **_nacl()}),
+}
+
+# Queue order: one run of every method first, then the extra seeds, then the ablations.
+DEFAULT_RUNS = [f"{m}_s123" for m in ("dice_ce", "nacl_mean", "ce", "focal", "ls", "ecp", "mbls", "svls", "nacl_gauss")]
+DEFAULT_RUNS += [f"{m}_s{s}" for s in SEEDS[1:] for m in ("dice_ce", "nacl_mean")]
+DEFAULT_RUNS += [f"{m}_s123" for m in ("nacl_a0.01", "nacl_a0.5", "nacl_k5", "nacl_softmax", "nacl_patch")]
+
+METRIC_KEYS = ("dice_anterior", "dice_posterior", "dice_mean", "hd95") + tuple(
+    f"{k}_{m}" for m in ("fg", "all") for k in ("ece", "cece", "ace", "mce", "nll", "brier")
+)
+
+
+def parse_run(run: str) -> tuple[str, int]:
+    method, _, seed = run.rpartition("_s")
+    if method not in METHODS or not seed.isdigit():
+        raise SystemExit(f"unknown run {run!r}: expected <method>_s<seed> with method in {sorted(METHODS)}")
+    return method, int(seed)
+
+
+def quick_datalist(out: Path) -> Path:
+    """The bundle's split cut to 8 / 4 / 4 cases."""
+    full = json.loads((BUNDLE / "configs" / "datalist.json").read_text())
+    small = {"training": full["training"][:8], "validation": full["validation"][:4], "test": full["test"][:4]}
+    path = out / "datalist_quick.json"
+    path.write_text(json.dumps(small, indent=4))
+    return path
+
+
+def train(run_dir: Path, method: str, seed: int, args: argparse.Namespace, datalist: Path | None) -> None:
+    override = dict(METHODS[method][1])
+    override["initialize#0"] = f"$monai.utils.set_determinism(seed={seed})"
+    override["train#trainer#max_epochs"] = args.epochs
+    override["val_interval"] = args.val_interval
+    if datalist is not None:
+        override["datalist#datalist_file"] = str(datalist)
+    (run_dir / "override.json").write_text(json.dumps(override, indent=4))
+    cmd = [
+        sys.executable, "-m", "monai.bundle", "run",
+        "--config_file", str([str(BUNDLE / "configs" / "train.json"), str(run_dir / "override.json")]),
+        "--bundle_root", str(BUNDLE), "--dataset_dir", str(args.data_dir),
+        "--ckpt_dir", str(run_dir / "models"), "--output_dir", str(run_dir / "tb"),
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+    with open(run_dir / "train.log", "a") as log:
+        proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=BUNDLE)
+    if proc.returncode != 0 or not (run_dir / "models" / "model.pt").is_file():
+        raise RuntimeError(f"training {run_dir.name} failed (exit {proc.returncode}); see {run_dir / 'train.log'}")
+
+
+def _bundle_parts(args: argparse.Namespace, datalist: Path | None):
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(str(BUNDLE / "configs" / "train.json"))
+    parser.update({"bundle_root": str(BUNDLE), "dataset_dir": str(args.data_dir), "device": "$torch.device('cpu')"})
+    if datalist is not None:
+        parser["datalist#datalist_file"] = str(datalist)
+    datalist_ = parser.get_parsed_content("datalist")
+    return parser, datalist_
+
+
+def _logits(network, inferer, data):
+    with torch.no_grad():
+        for item in data:
+            yield item, inferer(item["image"][None], network).float()
+
+
+def evaluate(run_dir: Path, args: argparse.Namespace, datalist: Path | None) -> dict:
+    """Test metrics at T = 1 and at the T fitted on the validation split; reliability statistics saved."""
+    from monai.data import Dataset
+    from monai.metrics import compute_hausdorff_distance
+    from monai.networks.utils import one_hot
+
+    from monai_nacl.calibration import TemperatureFitter
+    from monai_nacl.metrics import CalibrationMetric
+
+    parser, datalist_ = _bundle_parts(args, datalist)
+    network = parser.get_parsed_content("network_def", instantiate=True)
+    network.load_state_dict(torch.load(run_dir / "models" / "model.pt", weights_only=True, map_location="cpu"))
+    network.set_temperature(1.0)  # evaluate the raw network even if a fitted T was stored
+    network.eval()
+    inferer = parser.get_parsed_content("validate#inferer")
+    preprocessing = parser.get_parsed_content("validate#preprocessing")
+
+    fitter = TemperatureFitter(len(CLASS_NAMES))
+    for item, logits in _logits(network, inferer, Dataset(datalist_["validation"], preprocessing)):
+        fitter.update(logits, item["label"][None])
+    temperature = float(fitter.fit())
+
+    metrics = {
+        (t, m): CalibrationMetric(len(CLASS_NAMES), mask=m, per_volume=True)
+        for t in ("T1", "Tfit")
+        for m in ("foreground", "all")
+    }
+    dice, hd95 = [], []
+    for item, logits in _logits(network, inferer, Dataset(datalist_["test"], preprocessing)):
+        label = item["label"][None].long()
+        for t, scale in (("T1", 1.0), ("Tfit", temperature)):
+            probs = torch.softmax(logits / scale, 1)
+            for m in ("foreground", "all"):
+                metrics[(t, m)].update(probs, label)
+        pred = one_hot(logits.argmax(1, keepdim=True), len(CLASS_NAMES))
+        gt = one_hot(label, len(CLASS_NAMES))
+        inter = (pred * gt).sum((2, 3, 4))[0, 1:]
+        dice.append((2 * inter / (pred.sum((2, 3, 4))[0, 1:] + gt.sum((2, 3, 4))[0, 1:])).tolist())
+        hd95.append(float(compute_hausdorff_distance(pred, gt, include_background=False, percentile=95).mean()))
+
+    result: dict = {"temperature": temperature, "n_test": len(dice), "per_case": {}}
+    for t in ("T1", "Tfit"):
+        cases = {"dice_anterior": [d[0] for d in dice], "dice_posterior": [d[1] for d in dice]}
+        cases["dice_mean"] = [(a + b) / 2 for a, b in dice]
+        cases["hd95"] = hd95
+        for m, tag in (("foreground", "fg"), ("all", "all")):
+            for k in ("ece", "cece", "ace", "mce", "nll", "brier"):
+                cases[f"{k}_{tag}"] = [v[k] for v in metrics[(t, m)].get_per_volume()]
+            stats = metrics[(t, m)].bin_statistics()
+            torch.save({"top": stats.top, "ovr": stats.ovr, "scalars": stats.scalars}, run_dir / f"bins_{t}_{tag}.pt")
+        result[t] = {k: _mean_std(v) for k, v in cases.items()}
+        result["per_case"][t] = cases
+    return result
+
+
+def _mean_std(values: list[float]) -> list[float]:
+    finite = [v for v in values if math.isfinite(v)]
+    if not finite:
+        return [float("nan"), float("nan")]
+    return [statistics.fmean(finite), statistics.stdev(finite) if len(finite) > 1 else 0.0]
+
+
+def report(out: Path, runs: list[str]) -> None:
+    """results.csv / results.json over finished runs, a markdown table on stdout."""
+    rows = []
+    for run in runs:
+        path = out / "runs" / run / "result.json"
+        if not path.is_file():
+            continue
+        result = json.loads(path.read_text())
+        method, seed = parse_run(run)
+        for t in ("T1", "Tfit"):
+            row = {"run": run, "method": method, "seed": seed, "scaling": t, "temperature": result["temperature"]}
+            row["train_minutes"] = result.get("train_minutes", float("nan"))
+            for k in METRIC_KEYS:
+                row[k], row[f"{k}_std"] = result[t][k]
+            rows.append(row)
+    if not rows:
+        print("no finished runs yet")
+        return
+    with open(out / "results.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    (out / "results.json").write_text(json.dumps(rows, indent=1))
+    _figures(out, sorted({r["run"] for r in rows}))
+    cols = ("dice_anterior", "dice_posterior", "hd95", "ece_fg", "ece_all", "cece_fg", "ace_fg", "mce_fg", "nll_fg")
+    cols += ("brier_fg",)
+    print("| run | T | " + " | ".join(cols) + " |")
+    print("| --- | --- |" + " ---: |" * len(cols))
+    for r in rows:
+        t = "1" if r["scaling"] == "T1" else f"{r['temperature']:.2f}"
+        cells = [f"{r[c]:.3f} ± {r[c + '_std']:.3f}" for c in cols]
+        print(f"| {METHODS[r['method']][0]} (seed {r['seed']}) | {t} | " + " | ".join(cells) + " |")
+
+
+def _figures(out: Path, runs: list[str]) -> None:
+    """Reliability diagrams (ground-truth foreground voxels of the test split) per run, before and after T."""
+    from monai_nacl.metrics.calibration import BinStatistics
+    from monai_nacl.visualize import plot_reliability
+
+    for run in runs:
+        for t in ("T1", "Tfit"):
+            png = out / "figures" / f"{run}_{t}.png"
+            bins = out / "runs" / run / f"bins_{t}_fg.pt"
+            if png.is_file() or not bins.is_file():
+                continue
+            stats = BinStatistics(**torch.load(bins, weights_only=True))
+            method, seed = parse_run(run)
+            title = f"{METHODS[method][0]}, seed {seed}, {'T = 1' if t == 'T1' else 'fitted T'} (test, foreground)"
+            plot_reliability(stats, png, class_names=CLASS_NAMES, title=title)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data-dir", type=Path, default=DEFAULT_DATA, help="MSD Task04_Hippocampus folder")
+    p.add_argument("--out", type=Path, default=REPO / "runs" / "calibration_hippocampus")
+    p.add_argument("--runs", nargs="+", default=None, help="runs <method>_s<seed>; default: the full queue")
+    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--val-interval", type=int, default=5)
+    p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--quick", action="store_true", help="8/4/4 cases, 1 epoch, CE+Dice and NACL only")
+    p.add_argument("--report-only", action="store_true")
+    args = p.parse_args()
+    if args.quick:
+        args.epochs, args.val_interval = 1, 1
+        args.out = args.out.with_name(args.out.name + "_quick")
+    runs = args.runs or (["dice_ce_s123", "nacl_mean_s123"] if args.quick else DEFAULT_RUNS)
+    for run in runs:
+        parse_run(run)
+    if not (args.data_dir / "dataset.json").is_file():
+        raise SystemExit(f"no MSD Task04 dataset.json under {args.data_dir} (set --data-dir)")
+    torch.set_num_threads(args.threads)
+    args.out.mkdir(parents=True, exist_ok=True)
+    datalist = quick_datalist(args.out) if args.quick else None
+
+    for i, run in enumerate([] if args.report_only else runs):
+        run_dir = args.out / "runs" / run
+        if (run_dir / "result.json").is_file():
+            continue
+        run_dir.mkdir(parents=True, exist_ok=True)
+        method, seed = parse_run(run)
+        print(f"[{i + 1}/{len(runs)}] {run}: {METHODS[method][0]}, seed {seed}, {args.epochs} epochs", flush=True)
+        trained = run_dir / "trained.json"
+        if not trained.is_file():
+            start = time.time()
+            train(run_dir, method, seed, args, datalist)
+            info = {"train_minutes": (time.time() - start) / 60, "epochs": args.epochs, "threads": args.threads}
+            trained.write_text(json.dumps(info))
+        info = json.loads(trained.read_text())
+        minutes = info["train_minutes"]
+        result = {**evaluate(run_dir, args, datalist), **info}
+        (run_dir / "result.json").write_text(json.dumps(result, indent=1))
+        fg = result["T1"]
+        print(
+            f"  done in {minutes:.1f} min: DSC {fg['dice_mean'][0]:.3f}, ECE(fg) {fg['ece_fg'][0]:.4f} -> "
+            f"{result['Tfit']['ece_fg'][0]:.4f} at T={result['temperature']:.3f}",
+            flush=True,
+        )
+    report(args.out, runs)
+
+
+if __name__ == "__main__":
+    main()

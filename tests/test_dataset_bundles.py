@@ -1,0 +1,177 @@
+"""The six dataset bundles of the NACL paper on fixtures in each dataset's real layout: train, calibrate,
+evaluate and infer through ConfigWorkflow, zoo-equivalent checks, MONAI Label keys, generator in sync."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from conftest import torchrun_bundle
+from monai.bundle import ConfigWorkflow
+
+from monai_nacl.bundle_check import all_bundles, check_bundle, default_schema_dir
+from monai_nacl.data import build_datalist, write_fixture
+
+ROOT = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("make_dataset_bundles", ROOT / "tools" / "make_dataset_bundles.py")
+generator = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(generator)
+DATASETS = generator.DATASETS
+NAMES = list(DATASETS)
+BY_LAYOUT = {spec["layout"]: name for name, spec in DATASETS.items()}
+
+# patches the strides divide, and a narrow network: one CPU epoch in seconds
+SMALL = {"acdc": [32, 32, 8], "flare21": [32, 32, 8], "brats19": [32, 32, 16], "msd": [32, 32, 8]}
+SMALL.update({"kits19": [32, 32, 8], "mrbrains18": [32, 32, 8]})
+
+
+def _workflow(name: str, configs, workflow_type: str, **override) -> ConfigWorkflow:
+    bundle = ROOT / "bundles" / name
+    files = [str(bundle / "configs" / c) for c in configs]
+    wf = ConfigWorkflow(
+        config_file=files if len(files) > 1 else files[0],
+        meta_file=str(bundle / "configs" / "metadata.json"),
+        logging_file=str(bundle / "configs" / "logging.conf"),
+        workflow_type=workflow_type,
+        bundle_root=str(bundle),
+        **override,
+    )
+    wf.initialize()
+    assert wf.check_properties() == []
+    return wf
+
+
+def _tiny(name: str, tmp_path: Path, data: Path) -> dict:
+    layout = DATASETS[name]["layout"]
+    return {
+        "dataset_dir": str(data),
+        "ckpt_dir": str(tmp_path / "models"),
+        "output_dir": str(tmp_path / "eval"),
+        "patch_size": SMALL[layout],
+        "network_def#network#channels": [4, 8, 8, 16, 16],
+        "val_interval": 1,
+        "train#trainer#max_epochs": 1,
+        "train#dataset#num_workers": 0,
+        "train#dataloader#num_workers": 0,
+        "validate#dataset#num_workers": 0,
+        "validate#dataloader#num_workers": 0,
+    }
+
+
+def test_bundles_match_their_generator():
+    assert generator.main(check=True) == 0, "run: python tools/make_dataset_bundles.py"
+
+
+def test_every_bundle_is_checked_somewhere():
+    shipped = {b.name for b in all_bundles() if (b / "models" / "model.pt").is_file()}  # test_bundles.py
+    assert {b.name for b in all_bundles()} == shipped | set(DATASETS)
+    assert not shipped & set(DATASETS), "dataset bundles ship no weights yet; update their model cards first"
+
+
+def test_multi_gpu_config_with_torchrun_on_cpu(tmp_path):
+    name = BY_LAYOUT["msd"]
+    data = write_fixture("msd", tmp_path / "data", num_cases=8)
+    overrides = {**_tiny(name, tmp_path, data), "datalist#fractions": [0.5, 0.25, 0.25]}  # a validation case per rank
+    result = torchrun_bundle(ROOT / "bundles" / name, ["train.json", "multi_gpu_train.json"], overrides)
+    assert (tmp_path / "models" / "train_checkpoint_1.pt").is_file()
+    assert "val_ece" in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_train_calibrate_evaluate_infer_on_layout_fixture(name, tmp_path):
+    spec = DATASETS[name]
+    data = write_fixture(spec["layout"], tmp_path / "data", num_cases=6, seed=1)
+    tiny = _tiny(name, tmp_path, data)
+
+    train = _workflow(name, ["train.json"], "train", **tiny)
+    train.run()
+    assert (tmp_path / "models" / "model.pt").is_file()
+    assert (tmp_path / "models" / "train_checkpoint_1.pt").is_file()
+
+    _workflow(name, ["train.json", "calibrate.json"], "train", **tiny).run()
+    state = torch.load(tmp_path / "models" / "model.pt", weights_only=True)
+    assert state["temperature"].item() != 1.0
+
+    evaluate = _workflow(name, ["train.json", "evaluate.json"], "train", **tiny)
+    evaluate.run()
+    metrics = evaluate.parser.get_parsed_content("validate#evaluator").state.metrics
+    for key in ("val_mean_dice", "val_hd95", "val_ece", "val_cece", "val_nll", "val_brier"):
+        assert key in metrics
+    assert (tmp_path / "eval" / "reliability.png").is_file()
+
+    infer_override = {k: v for k, v in tiny.items() if not k.startswith(("train#", "validate#", "val_"))}
+    infer_override["output_dir"] = str(tmp_path / "out")
+    infer_override["dataloader#num_workers"] = 0
+    infer = _workflow(name, ["inference.json"], "infer", **infer_override)
+    infer.run()
+    test_images = [item["image"] for item in build_datalist(spec["layout"], data)["test"]]
+    assert test_images
+    first = test_images[0] if isinstance(test_images[0], str) else test_images[0][0]
+    src = nib.load(first)
+    stem = Path(first).name.replace(".nii.gz", "")
+    seg = nib.load(tmp_path / "out" / f"{stem}_seg.nii.gz")
+    prob = nib.load(tmp_path / "out" / f"{stem}_prob.nii.gz")
+    entropy = nib.load(tmp_path / "out" / f"{stem}_entropy.nii.gz")
+    # outputs are in the original image geometry (KiTS19's permuted axes and anisotropic spacing included)
+    for out in (seg, prob, entropy):
+        assert out.shape[:3] == src.shape[:3]
+        assert np.allclose(out.affine, src.affine, atol=1e-4)
+    probs = np.asarray(prob.dataobj)
+    assert probs.shape[-1] == len(spec["classes"])
+    assert np.allclose(probs.sum(-1), 1.0, atol=1e-4)
+    values = set(np.unique(np.asarray(seg.dataobj)).astype(int).tolist())
+    allowed = set(spec["label_values"]) if spec.get("regions") else set(range(len(spec["classes"])))
+    assert values <= allowed
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_inference_preprocessing_survives_monai_label_keys(name, tmp_path):
+    spec = DATASETS[name]
+    data = write_fixture(spec["layout"], tmp_path / "data", num_cases=3)
+    image = build_datalist(spec["layout"], data)["training"][0]["image"]
+    wf = _workflow(name, ["inference.json"], "infer", dataset_dir=str(data))
+    pre = wf.parser.get_parsed_content("preprocessing")
+    # MONAI Label adds string entries such as image_path next to the image; Spacingd alone crashes on them
+    out = pre({"image": image, "image_path": str(image), "label_path": "none", "model": "x"})
+    assert out["image"].shape[0] == len(spec["channels"])
+    assert np.allclose(out["image"].pixdim.tolist(), spec["pixdim"], atol=1e-3)
+    assert out["image_path"] == str(image)
+
+
+@pytest.mark.skipif(not default_schema_dir().is_dir(), reason=f"metadata schemas not found at {default_schema_dir()}")
+@pytest.mark.parametrize("name", NAMES)
+def test_zoo_checks_pass_on_layout_fixture(name, tmp_path):
+    data = write_fixture(DATASETS[name]["layout"], tmp_path / "data", num_cases=4)
+    assert check_bundle(ROOT / "bundles" / name, dataset_dir=data) == []
+
+
+def test_brats_is_evaluated_on_tumour_regions(tmp_path):
+    data = write_fixture("brats19", tmp_path / "data", num_cases=3)
+    wf = _workflow(BY_LAYOUT["brats19"], ["train.json"], "train", dataset_dir=str(data))
+    post = wf.parser.get_parsed_content("validate#postprocessing")
+    label = torch.randint(0, 4, (1, 6, 6, 6))  # training classes 0/1/2/3 = BraTS labels 0/1/2/4
+    logits = torch.nn.functional.one_hot(label[0], 4).permute(3, 0, 1, 2).float() * 10
+    out = post({"pred": logits, "label": label.clone()})
+    tc, wt, et = (label[0] == 1) | (label[0] == 3), label[0] > 0, label[0] == 3
+    expected = torch.stack([tc, wt, et]).float()
+    assert torch.equal(out["label"].float(), expected) and torch.equal(out["pred"].float(), expected)
+    assert torch.equal(out["label_index"], label)  # calibration keeps the four training classes
+
+
+def test_datalist_check_names_a_bad_case(tmp_path):
+    data = write_fixture("kits19", tmp_path / "data", num_cases=3)
+    case = build_datalist("kits19", data)["training"][0]["case"]
+    seg = data / "data" / case / "segmentation.nii.gz"
+    img = nib.load(seg)
+    bad = np.asarray(img.dataobj).copy()
+    bad[0, 0, 0] = 7
+    nib.save(nib.Nifti1Image(bad, img.affine), seg)
+    with pytest.raises(RuntimeError) as info:  # ConfigWorkflow wraps the check's ValueError
+        _workflow(BY_LAYOUT["kits19"], ["train.json"], "train", dataset_dir=str(data))
+    cause = info.value.__cause__
+    assert isinstance(cause, ValueError)
+    assert case in str(cause) and "label values [7]" in str(cause)
