@@ -69,6 +69,7 @@ METHODS: dict[str, tuple[str, dict]] = {
     "mbls": ("MbLS (m 10, lambda 0.1)", {**NO_PRIOR, **_loss("MbLSLoss", margin=10.0, lambda_margin=0.1)}),
     "svls": ("SVLS (3^3, sigma 1)", {**NO_PRIOR, **_loss("SVLSLoss", kernel_size=3, sigma=1.0)}),
     "nacl_mean": ("NACL mean prior (bundle)", _nacl()),
+    "nacl_ce": ("NACL CE base (paper)", _nacl(base="ce")),
     "nacl_gauss": ("NACL gaussian prior", _nacl(kernel="gaussian")),
     "nacl_a0.01": ("NACL alpha 0.01", _nacl(alpha=0.01)),
     "nacl_a0.5": ("NACL alpha 0.5", _nacl(alpha=0.5)),
@@ -78,7 +79,8 @@ METHODS: dict[str, tuple[str, dict]] = {
 }
 
 # Queue order: one run of every method first, then the extra seeds, then the ablations.
-DEFAULT_RUNS = [f"{m}_s123" for m in ("dice_ce", "nacl_mean", "ce", "focal", "ls", "ecp", "mbls", "svls", "nacl_gauss")]
+DEFAULT_RUNS = [f"{m}_s123" for m in ("dice_ce", "nacl_mean", "ce", "focal", "nacl_ce", "ls", "svls", "mbls", "ecp")]
+DEFAULT_RUNS += ["nacl_gauss_s123"]
 DEFAULT_RUNS += [f"{m}_s{s}" for s in SEEDS[1:] for m in ("dice_ce", "nacl_mean")]
 DEFAULT_RUNS += [f"{m}_s123" for m in ("nacl_a0.01", "nacl_a0.5", "nacl_k5", "nacl_softmax", "nacl_patch")]
 
@@ -236,6 +238,25 @@ def report(out: Path, runs: list[str]) -> None:
         t = "1" if r["scaling"] == "T1" else f"{r['temperature']:.2f}"
         cells = [f"{r[c]:.3f} ± {r[c + '_std']:.3f}" for c in cols]
         print(f"| {METHODS[r['method']][0]} (seed {r['seed']}) | {t} | " + " | ".join(cells) + " |")
+    _seed_table(rows, cols)
+
+
+def _seed_table(rows: list[dict], cols: tuple[str, ...]) -> None:
+    """Methods with several seeds: mean ± std over seeds of the per-run test means."""
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["method"], r["scaling"]), []).append(r)
+    multi = {k: v for k, v in groups.items() if len(v) > 1}
+    if not multi:
+        return
+    print("\n| method (seeds) | T | " + " | ".join(cols) + " |")
+    print("| --- | --- |" + " ---: |" * len(cols))
+    for (method, scaling), runs in sorted(multi.items()):
+        cells = [
+            f"{statistics.fmean(r[c] for r in runs):.3f} ± {statistics.stdev(r[c] for r in runs):.3f}" for c in cols
+        ]
+        t = "1" if scaling == "T1" else "fitted"
+        print(f"| {METHODS[method][0]} ({len(runs)}) | {t} | " + " | ".join(cells) + " |")
 
 
 def _figures(out: Path, runs: list[str]) -> None:
@@ -287,9 +308,11 @@ def main() -> None:
         print(f"[{i + 1}/{len(runs)}] {run}: {METHODS[method][0]}, seed {seed}, {args.epochs} epochs", flush=True)
         trained = run_dir / "trained.json"
         if not trained.is_file():
+            resumed = any((run_dir / "models").glob("train_checkpoint_*.pt"))
             start = time.time()
             train(run_dir, method, seed, args, datalist)
             info = {"train_minutes": (time.time() - start) / 60, "epochs": args.epochs, "threads": args.threads}
+            info["resumed"] = resumed  # then train_minutes covers the last segment only
             trained.write_text(json.dumps(info))
         info = json.loads(trained.read_text())
         minutes = info["train_minutes"]

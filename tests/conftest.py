@@ -68,3 +68,21 @@ def torchrun_bundle(bundle, configs, overrides: dict, timeout: int = 600):
     result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result
+
+
+def bundle_workflow(bundle, configs, workflow_type: str, **override):
+    """An initialised ``ConfigWorkflow`` of ``bundle`` (configs merged in order) whose properties all resolve."""
+    from monai.bundle import ConfigWorkflow
+
+    files = [str(bundle / "configs" / c) for c in configs]
+    wf = ConfigWorkflow(
+        config_file=files if len(files) > 1 else files[0],
+        meta_file=str(bundle / "configs" / "metadata.json"),
+        logging_file=str(bundle / "configs" / "logging.conf"),
+        workflow_type=workflow_type,
+        bundle_root=str(bundle),
+        **override,
+    )
+    wf.initialize()
+    assert wf.check_properties() == []
+    return wf

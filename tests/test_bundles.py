@@ -9,9 +9,8 @@ from pathlib import Path
 import nibabel as nib
 import pytest
 import torch
-from conftest import torchrun_bundle
+from conftest import bundle_workflow, torchrun_bundle
 from ignite.engine import Events
-from monai.bundle import ConfigWorkflow
 
 from monai_nacl.bundle_check import all_bundles, check_bundle, default_schema_dir
 
@@ -36,19 +35,7 @@ def _tiny(tmp_path: Path) -> dict:
     }
 
 
-def _workflow(bundle: Path, configs, workflow_type: str, **override) -> ConfigWorkflow:
-    files = [str(bundle / "configs" / c) for c in configs]
-    wf = ConfigWorkflow(
-        config_file=files if len(files) > 1 else files[0],
-        meta_file=str(bundle / "configs" / "metadata.json"),
-        logging_file=str(bundle / "configs" / "logging.conf"),
-        workflow_type=workflow_type,
-        bundle_root=str(bundle),
-        **override,
-    )
-    wf.initialize()
-    assert wf.check_properties() == []
-    return wf
+_workflow = bundle_workflow
 
 
 HIPPO_DATA = Path(os.environ.get("MONAI_NACL_HIPPOCAMPUS", ROOT.parent / "shared" / "data" / "hippocampus"))

@@ -10,8 +10,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import torchrun_bundle
-from monai.bundle import ConfigWorkflow
+from conftest import bundle_workflow, torchrun_bundle
 
 from monai_nacl.bundle_check import all_bundles, check_bundle, default_schema_dir
 from monai_nacl.data import build_datalist, write_fixture
@@ -29,20 +28,8 @@ SMALL = {"acdc": [32, 32, 8], "flare21": [32, 32, 8], "brats19": [32, 32, 16], "
 SMALL.update({"kits19": [32, 32, 8], "mrbrains18": [32, 32, 8]})
 
 
-def _workflow(name: str, configs, workflow_type: str, **override) -> ConfigWorkflow:
-    bundle = ROOT / "bundles" / name
-    files = [str(bundle / "configs" / c) for c in configs]
-    wf = ConfigWorkflow(
-        config_file=files if len(files) > 1 else files[0],
-        meta_file=str(bundle / "configs" / "metadata.json"),
-        logging_file=str(bundle / "configs" / "logging.conf"),
-        workflow_type=workflow_type,
-        bundle_root=str(bundle),
-        **override,
-    )
-    wf.initialize()
-    assert wf.check_properties() == []
-    return wf
+def _workflow(name: str, configs, workflow_type: str, **override):
+    return bundle_workflow(ROOT / "bundles" / name, configs, workflow_type, **override)
 
 
 def _tiny(name: str, tmp_path: Path, data: Path) -> dict:

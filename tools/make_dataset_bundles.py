@@ -162,7 +162,7 @@ DATASETS = {
         "folder holding `training/`.",
         "cite": "Kuijf, H. J. et al. 'MR Brain Segmentation Challenge 2018 (MRBrainS18).' (2018); "
         "https://mrbrains18.isi.uu.nl/",
-        "gpu": "one 16 GB GPU; 7 training cases, seconds per epoch",
+        "gpu": "one 16 GB GPU; the 7 labelled cases split 5 / 1 / 1, seconds per epoch",
     },
 }
 
@@ -675,8 +675,9 @@ data. The resources below are estimates, not measurements.
 
 * Source: {source}.
 * Layout read from `dataset_dir` by `monai_nacl.data.build_datalist("{layout}", dataset_dir)`: {layout_doc}
-  This is the layout of the public release as documented by its organisers; it is what we assumed and
-  what the fixtures reproduce. If your copy differs, build your own datalist and override `datalist`.
+  This is the layout of the public release as we know it from the organisers' descriptions; it was not
+  checked against a real copy here. It is what the fixtures reproduce. If your copy differs, build your own
+  datalist (`[{{"image": ..., "label": ...}}, ...]` per split) and override `datalist`.
 * How to get it: {obtain}
 * Split: a seeded (2026) shuffle of patients, 70 % training, 10 % validation (checkpoint selection and the
   temperature), 20 % test. Every training and validation case is checked before training
