@@ -3,8 +3,9 @@
 Every method is trained by the Hippocampus bundle's own ``train.json`` (same network, split, patch, augmentation,
 optimiser, schedule and seed handling); a method only overrides the loss and, for methods without a precomputed
 prior, swaps the prior transform for a no-op (exactly as the bundle's ``train_dice_ce.json``). Then, in this
-process, the best checkpoint (validation Dice) is evaluated on the test split at T = 1, a temperature is fitted on
-the validation split (NLL, all voxels) and the test split is evaluated again at the fitted T.
+process, the best checkpoint (validation Dice) is evaluated on the test split at T = 1 and at two temperatures
+fitted on the validation split by NLL: over all voxels (``Tfit``, what the bundles do) and over ground-truth
+foreground voxels only (``Tfit_fg``, the voxels of the paper's ECE protocol).
 
 The work is a queue of runs; each run keeps its checkpoints (training resumes from the last finished epoch), writes
 ``trained.json`` after training and ``result.json`` after evaluation, so a killed job loses at most one epoch. Rerunning skips finished runs and
@@ -161,20 +162,21 @@ def evaluate(run_dir: Path, args: argparse.Namespace, datalist: Path | None) -> 
     inferer = parser.get_parsed_content("validate#inferer")
     preprocessing = parser.get_parsed_content("validate#preprocessing")
 
-    fitter = TemperatureFitter(len(CLASS_NAMES))
+    fitters = {m: TemperatureFitter(len(CLASS_NAMES), mask=m) for m in ("all", "foreground")}
     for item, logits in _logits(network, inferer, Dataset(datalist_["validation"], preprocessing)):
-        fitter.update(logits, item["label"][None])
-    temperature = float(fitter.fit())
+        for fitter in fitters.values():
+            fitter.update(logits, item["label"][None])
+    scales = {"T1": 1.0, "Tfit": float(fitters["all"].fit()), "Tfit_fg": float(fitters["foreground"].fit())}
 
     metrics = {
         (t, m): CalibrationMetric(len(CLASS_NAMES), mask=m, per_volume=True)
-        for t in ("T1", "Tfit")
+        for t in scales
         for m in ("foreground", "all")
     }
     dice, hd95 = [], []
     for item, logits in _logits(network, inferer, Dataset(datalist_["test"], preprocessing)):
         label = item["label"][None].long()
-        for t, scale in (("T1", 1.0), ("Tfit", temperature)):
+        for t, scale in scales.items():
             probs = torch.softmax(logits / scale, 1)
             for m in ("foreground", "all"):
                 metrics[(t, m)].update(probs, label)
@@ -184,8 +186,9 @@ def evaluate(run_dir: Path, args: argparse.Namespace, datalist: Path | None) -> 
         dice.append((2 * inter / (pred.sum((2, 3, 4))[0, 1:] + gt.sum((2, 3, 4))[0, 1:])).tolist())
         hd95.append(float(compute_hausdorff_distance(pred, gt, include_background=False, percentile=95).mean()))
 
-    result: dict = {"temperature": temperature, "n_test": len(dice), "per_case": {}}
-    for t in ("T1", "Tfit"):
+    result: dict = {"temperature": scales["Tfit"], "temperature_fg": scales["Tfit_fg"], "n_test": len(dice)}
+    result["per_case"] = {}
+    for t in scales:
         cases = {"dice_anterior": [d[0] for d in dice], "dice_posterior": [d[1] for d in dice]}
         cases["dice_mean"] = [(a + b) / 2 for a, b in dice]
         cases["hd95"] = hd95
@@ -215,8 +218,11 @@ def report(out: Path, runs: list[str]) -> None:
             continue
         result = json.loads(path.read_text())
         method, seed = parse_run(run)
-        for t in ("T1", "Tfit"):
-            row = {"run": run, "method": method, "seed": seed, "scaling": t, "temperature": result["temperature"]}
+        for t in ("T1", "Tfit", "Tfit_fg"):
+            if t not in result:  # evaluated before foreground temperatures existed: rerun with --reevaluate
+                continue
+            temperature = {"T1": 1.0, "Tfit": result["temperature"], "Tfit_fg": result.get("temperature_fg")}[t]
+            row = {"run": run, "method": method, "seed": seed, "scaling": t, "temperature": temperature}
             row["train_minutes"] = result.get("train_minutes", float("nan"))
             for k in METRIC_KEYS:
                 row[k], row[f"{k}_std"] = result[t][k]
@@ -235,7 +241,7 @@ def report(out: Path, runs: list[str]) -> None:
     print("| run | T | " + " | ".join(cols) + " |")
     print("| --- | --- |" + " ---: |" * len(cols))
     for r in rows:
-        t = "1" if r["scaling"] == "T1" else f"{r['temperature']:.2f}"
+        t = {"T1": "1", "Tfit": "all", "Tfit_fg": "fg"}[r["scaling"]] + f" {r['temperature']:.2f}"
         cells = [f"{r[c]:.3f} ± {r[c + '_std']:.3f}" for c in cols]
         print(f"| {METHODS[r['method']][0]} (seed {r['seed']}) | {t} | " + " | ".join(cells) + " |")
     _seed_table(rows, cols)
@@ -255,7 +261,7 @@ def _seed_table(rows: list[dict], cols: tuple[str, ...]) -> None:
         cells = [
             f"{statistics.fmean(r[c] for r in runs):.3f} ± {statistics.stdev(r[c] for r in runs):.3f}" for c in cols
         ]
-        t = "1" if scaling == "T1" else "fitted"
+        t = {"T1": "1", "Tfit": "fitted, all", "Tfit_fg": "fitted, fg"}[scaling]
         print(f"| {METHODS[method][0]} ({len(runs)}) | {t} | " + " | ".join(cells) + " |")
 
 
@@ -265,14 +271,15 @@ def _figures(out: Path, runs: list[str]) -> None:
     from monai_nacl.visualize import plot_reliability
 
     for run in runs:
-        for t in ("T1", "Tfit"):
+        for t in ("T1", "Tfit", "Tfit_fg"):
             png = out / "figures" / f"{run}_{t}.png"
             bins = out / "runs" / run / f"bins_{t}_fg.pt"
-            if png.is_file() or not bins.is_file():
+            if not bins.is_file():
                 continue
             stats = BinStatistics(**torch.load(bins, weights_only=True))
             method, seed = parse_run(run)
-            title = f"{METHODS[method][0]}, seed {seed}, {'T = 1' if t == 'T1' else 'fitted T'} (test, foreground)"
+            scaling = {"T1": "T = 1", "Tfit": "T fitted on all voxels", "Tfit_fg": "T fitted on foreground"}[t]
+            title = f"{METHODS[method][0]}, seed {seed}, {scaling} (test, foreground)"
             plot_reliability(stats, png, class_names=CLASS_NAMES, title=title)
 
 
@@ -286,6 +293,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--quick", action="store_true", help="8/4/4 cases, 1 epoch, CE+Dice and NACL only")
     p.add_argument("--report-only", action="store_true")
+    p.add_argument("--reevaluate", action="store_true", help="evaluate finished runs again (training is kept)")
     args = p.parse_args()
     if args.quick:
         args.epochs, args.val_interval = 1, 1
@@ -301,7 +309,7 @@ def main() -> None:
 
     for i, run in enumerate([] if args.report_only else runs):
         run_dir = args.out / "runs" / run
-        if (run_dir / "result.json").is_file():
+        if (run_dir / "result.json").is_file() and not args.reevaluate:
             continue
         run_dir.mkdir(parents=True, exist_ok=True)
         method, seed = parse_run(run)
@@ -321,7 +329,8 @@ def main() -> None:
         fg = result["T1"]
         print(
             f"  done in {minutes:.1f} min: DSC {fg['dice_mean'][0]:.3f}, ECE(fg) {fg['ece_fg'][0]:.4f} -> "
-            f"{result['Tfit']['ece_fg'][0]:.4f} at T={result['temperature']:.3f}",
+            f"{result['Tfit']['ece_fg'][0]:.4f} at T={result['temperature']:.3f} (all voxels), "
+            f"{result['Tfit_fg']['ece_fg'][0]:.4f} at T={result['temperature_fg']:.3f} (foreground)",
             flush=True,
         )
     report(args.out, runs)

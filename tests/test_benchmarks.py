@@ -27,7 +27,7 @@ def test_calibration_hippocampus_quick_mode(tmp_path):
     out = tmp_path / "out_quick"
     rows = list(csv.DictReader(open(out / "results.csv")))
     assert {(r["run"], r["scaling"]) for r in rows} == {
-        (r, t) for r in ("nacl_patch_s123", "ce_s1") for t in ("T1", "Tfit")
+        (r, t) for r in ("nacl_patch_s123", "ce_s1") for t in ("T1", "Tfit", "Tfit_fg")
     }
     result_json = json.loads((out / "runs" / "ce_s1" / "result.json").read_text())
     assert result_json["n_test"] == 4 and 0.05 <= result_json["temperature"] <= 20

@@ -82,6 +82,9 @@ def test_train_calibrate_evaluate_infer_on_layout_fixture(name, tmp_path):
     _workflow(name, ["train.json", "calibrate.json"], "train", **tiny).run()
     state = torch.load(tmp_path / "models" / "model.pt", weights_only=True)
     assert state["temperature"].item() != 1.0
+    # the temperature can be fitted on ground-truth foreground voxels only (the paper's ECE protocol)
+    fg = _workflow(name, ["train.json", "calibrate.json"], "train", temperature_mask="foreground", **tiny)
+    assert fg.parser.get_parsed_content("validate#handlers")[2].fitter.mask == "foreground"
 
     evaluate = _workflow(name, ["train.json", "evaluate.json"], "train", **tiny)
     evaluate.run()
