@@ -224,6 +224,7 @@ def report(out: Path, runs: list[str]) -> None:
             temperature = {"T1": 1.0, "Tfit": result["temperature"], "Tfit_fg": result.get("temperature_fg")}[t]
             row = {"run": run, "method": method, "seed": seed, "scaling": t, "temperature": temperature}
             row["train_minutes"] = result.get("train_minutes", float("nan"))
+            row["resumed"] = bool(result.get("resumed", False))
             for k in METRIC_KEYS:
                 row[k], row[f"{k}_std"] = result[t][k]
             rows.append(row)
@@ -236,33 +237,54 @@ def report(out: Path, runs: list[str]) -> None:
         writer.writerows(rows)
     (out / "results.json").write_text(json.dumps(rows, indent=1))
     _figures(out, sorted({r["run"] for r in rows}))
-    cols = ("dice_anterior", "dice_posterior", "hd95", "ece_fg", "ece_all", "cece_fg", "ace_fg", "mce_fg", "nll_fg")
-    cols += ("brier_fg",)
-    print("| run | T | " + " | ".join(cols) + " |")
-    print("| --- | --- |" + " ---: |" * len(cols))
-    for r in rows:
-        t = {"T1": "1", "Tfit": "all", "Tfit_fg": "fg"}[r["scaling"]] + f" {r['temperature']:.2f}"
-        cells = [f"{r[c]:.3f} ± {r[c + '_std']:.3f}" for c in cols]
-        print(f"| {METHODS[r['method']][0]} (seed {r['seed']}) | {t} | " + " | ".join(cells) + " |")
-    _seed_table(rows, cols)
+    text = markdown(rows)
+    (out / "tables.md").write_text(text)
+    print(text)
 
 
-def _seed_table(rows: list[dict], cols: tuple[str, ...]) -> None:
-    """Methods with several seeds: mean ± std over seeds of the per-run test means."""
+def _cell(r: dict, key: str, std: bool = True) -> str:
+    return f"{r[key]:.3f} ± {r[key + '_std']:.3f}" if std else f"{r[key]:.3f}"
+
+
+def markdown(rows: list[dict]) -> str:
+    """The tables of docs/results.md: every run at T = 1, the effect of temperature scaling, seeds."""
+    by = {(r["run"], r["scaling"]): r for r in rows}
+    runs = list(dict.fromkeys(r["run"] for r in rows))
+    name = {run: f"{METHODS[parse_run(run)[0]][0]}, seed {parse_run(run)[1]}" for run in runs}
+    lines = ["### Test split at T = 1 (mean ± std over the 40 test volumes)", ""]
+    cols = ("dice_anterior", "dice_posterior", "hd95", "ece_fg", "ece_all", "cece_fg", "ace_fg", "mce_fg")
+    cols += ("nll_fg", "brier_fg")
+    lines += ["| run | " + " | ".join(cols) + " | train min |", "| --- |" + " ---: |" * (len(cols) + 1)]
+    for run in runs:
+        r = by[(run, "T1")]
+        minutes = f"{r['train_minutes']:.1f}" + (" (resumed: last segment)" if r["resumed"] else "")
+        lines.append(f"| {name[run]} | " + " | ".join(_cell(r, c) for c in cols) + f" | {minutes} |")
+    lines += ["", "### Temperature scaling: T fitted on all validation voxels vs on foreground voxels (means)", ""]
+    sub = ("ece_fg", "ece_all", "cece_fg")
+    head = " | ".join(f"{c} ({t})" for t in ("1", "all", "fg") for c in sub)
+    lines += [f"| run | T all | T fg | {head} |", "| --- | ---: | ---: |" + " ---: |" * 9]
+    for run in runs:
+        if (run, "Tfit_fg") not in by:
+            continue
+        t1, ta, tf = by[(run, "T1")], by[(run, "Tfit")], by[(run, "Tfit_fg")]
+        cells = [_cell(r, c, std=False) for r in (t1, ta, tf) for c in sub]
+        lines.append(f"| {name[run]} | {ta['temperature']:.2f} | {tf['temperature']:.2f} | " + " | ".join(cells) + " |")
     groups: dict[tuple[str, str], list[dict]] = {}
     for r in rows:
         groups.setdefault((r["method"], r["scaling"]), []).append(r)
     multi = {k: v for k, v in groups.items() if len(v) > 1}
-    if not multi:
-        return
-    print("\n| method (seeds) | T | " + " | ".join(cols) + " |")
-    print("| --- | --- |" + " ---: |" * len(cols))
-    for (method, scaling), runs in sorted(multi.items()):
-        cells = [
-            f"{statistics.fmean(r[c] for r in runs):.3f} ± {statistics.stdev(r[c] for r in runs):.3f}" for c in cols
-        ]
-        t = {"T1": "1", "Tfit": "fitted, all", "Tfit_fg": "fitted, fg"}[scaling]
-        print(f"| {METHODS[method][0]} ({len(runs)}) | {t} | " + " | ".join(cells) + " |")
+    if multi:
+        lines += ["", "### Seeds: mean ± std over seeds of each run's test mean", ""]
+        cols = ("dice_mean", "hd95", "ece_fg", "ece_all", "cece_fg", "nll_fg", "brier_fg")
+        lines += ["| method (seeds) | T | " + " | ".join(cols) + " |", "| --- | --- |" + " ---: |" * len(cols)]
+        for (method, scaling), group in sorted(multi.items()):
+            cells = [
+                f"{statistics.fmean(r[c] for r in group):.3f} ± {statistics.stdev(r[c] for r in group):.3f}"
+                for c in cols
+            ]
+            t = {"T1": "1", "Tfit": "fitted, all", "Tfit_fg": "fitted, fg"}[scaling]
+            lines.append(f"| {METHODS[method][0]} ({len(group)}) | {t} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def _figures(out: Path, runs: list[str]) -> None:

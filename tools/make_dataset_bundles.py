@@ -48,6 +48,7 @@ DATASETS = {
     "flare21_abdominal_ct_nacl_segmentation": {
         "title": "FLARE21 abdominal CT NACL segmentation",
         "layout": "flare21",
+        "cache_rate": 0.3,
         "dataset_dir": "/workspace/data/FLARE21",
         "modality": "CT",
         "window": [-125, 275],
@@ -71,6 +72,7 @@ DATASETS = {
     "brats19_brain_tumor_mri_nacl_segmentation": {
         "title": "BraTS 2019 brain tumour MRI NACL segmentation",
         "layout": "brats19",
+        "cache_rate": 0.2,
         "dataset_dir": "/workspace/data/MICCAI_BraTS_2019_Data_Training",
         "modality": "MR",
         "channels": ["flair", "t1", "t1ce", "t2"],
@@ -117,6 +119,7 @@ DATASETS = {
     "kits19_kidney_ct_nacl_segmentation": {
         "title": "KiTS19 kidney tumour CT NACL segmentation",
         "layout": "kits19",
+        "cache_rate": 0.5,
         "dataset_dir": "/workspace/data/kits19",
         "modality": "CT",
         "window": [-79, 304],
@@ -342,7 +345,7 @@ def train_config(spec: dict, name: str) -> dict:
             "_target_": "CacheDataset",
             "data": "$@datalist['training']",
             "transform": "@train#preprocessing",
-            "cache_rate": 1.0,
+            "cache_rate": spec.get("cache_rate", 1.0),
             "num_workers": 4,
         },
         "dataloader": {
@@ -419,7 +422,7 @@ def train_config(spec: dict, name: str) -> dict:
             "_target_": "CacheDataset",
             "data": "$@datalist['validation']",
             "transform": "@validate#preprocessing",
-            "cache_rate": 1.0,
+            "cache_rate": spec.get("cache_rate", 1.0),
             "num_workers": 4,
         },
         "dataloader": {
@@ -693,6 +696,8 @@ data. The resources below are estimates, not measurements.
   intensity scale and shift. The neighbour prior is computed on the whole resampled volume by
   `NeighborPriord` over a neighbourhood of 3 × the finest spacing ({prior_mm} mm, so the kernel is spacing-aware
   where voxels are anisotropic) and cropped with the image; `PriorFromBatch` hands it to the loss.
+* Memory: `CacheDataset` keeps {cache}% of the resampled training and validation volumes in RAM
+  (`train#dataset#cache_rate`, `validate#dataset#cache_rate`); lower it if memory is short.
 * Loss: `monai_nacl.losses.NACLLoss(base="dice_ce", alpha=0.1, kernel="mean")`. AdamW lr 1e-3, cosine
   schedule over 300 epochs, mixed precision, validation every 5 epochs; best validation mean Dice kept.
 {eval_note}* Expected resources: {gpu} (estimate).
@@ -768,6 +773,7 @@ def readme(spec: dict, name: str) -> str:
         prior_mm=f"{3 * min(spec['pixdim']):g}",
         eval_note=eval_note,
         gpu=spec["gpu"],
+        cache=round(100 * spec.get("cache_rate", 1.0)),
         name=name,
         paper=PAPER,
         cite=spec["cite"],
