@@ -148,7 +148,7 @@ def _logits(network, inferer, data):
 def evaluate(run_dir: Path, args: argparse.Namespace, datalist: Path | None) -> dict:
     """Test metrics at T = 1 and at the T fitted on the validation split; reliability statistics saved."""
     from monai.data import Dataset
-    from monai.metrics import compute_hausdorff_distance
+    from monai.metrics import compute_dice, compute_hausdorff_distance
     from monai.networks.utils import one_hot
 
     from monai_nacl.calibration import TemperatureFitter
@@ -182,8 +182,7 @@ def evaluate(run_dir: Path, args: argparse.Namespace, datalist: Path | None) -> 
                 metrics[(t, m)].update(probs, label)
         pred = one_hot(logits.argmax(1, keepdim=True), len(CLASS_NAMES))
         gt = one_hot(label, len(CLASS_NAMES))
-        inter = (pred * gt).sum((2, 3, 4))[0, 1:]
-        dice.append((2 * inter / (pred.sum((2, 3, 4))[0, 1:] + gt.sum((2, 3, 4))[0, 1:])).tolist())
+        dice.append(compute_dice(pred, gt, include_background=False)[0].tolist())
         hd95.append(float(compute_hausdorff_distance(pred, gt, include_background=False, percentile=95).mean()))
 
     result: dict = {"temperature": scales["Tfit"], "temperature_fg": scales["Tfit_fg"], "n_test": len(dice)}

@@ -222,7 +222,7 @@ def network(spec: dict) -> dict:
     }
 
 
-def common(spec: dict, name: str) -> dict:
+def common(spec: dict) -> dict:
     return {
         "bundle_root": ".",
         "ckpt_dir": "$@bundle_root + '/models'",
@@ -238,6 +238,23 @@ def common(spec: dict, name: str) -> dict:
     }
 
 
+def to_raw_labels(spec: dict, keys) -> dict:
+    """Training classes 0..C-1 back to the dataset's raw label values (BraTS 0/1/2/3 -> 0/1/2/4)."""
+    n = len(spec["label_values"])
+    return {
+        "_target_": "MapLabelValued",
+        "keys": keys,
+        "orig_labels": list(range(n)),
+        "target_labels": spec["label_values"],
+    }
+
+
+def intensity_text(spec: dict) -> str:
+    if spec["modality"] == "CT":
+        return f"CT clipped to [{spec['window'][0]}, {spec['window'][1]}] HU and scaled to [0, 1]"
+    return "normalised per case and channel to zero mean and unit variance over non-zero voxels"
+
+
 def postprocessing(spec: dict) -> dict:
     """Validation postprocessing: probabilities for calibration, then one-hot (or BraTS regions) for Dice/HD95."""
     steps = [
@@ -245,15 +262,9 @@ def postprocessing(spec: dict) -> dict:
         {"_target_": "CopyItemsd", "keys": ["pred", "label"], "names": ["prob", "label_index"]},
     ]
     if spec.get("regions"):
-        n = len(spec["label_values"])
         steps += [
             {"_target_": "AsDiscreted", "keys": "pred", "argmax": True},
-            {
-                "_target_": "MapLabelValued",
-                "keys": ["pred", "label"],
-                "orig_labels": list(range(n)),
-                "target_labels": spec["label_values"],
-            },
+            to_raw_labels(spec, ["pred", "label"]),
             {"_target_": "ConvertToMultiChannelBasedOnBratsClassesd", "keys": ["pred", "label"]},
         ]
     else:
@@ -272,9 +283,9 @@ def from_engine(keys):
     return f"$monai.handlers.from_engine({keys!r})"
 
 
-def train_config(spec: dict, name: str) -> dict:
+def train_config(spec: dict) -> dict:
     regions = bool(spec.get("regions"))
-    cfg = {"imports": ["$import os", "$import ignite", "$import monai_nacl"], **common(spec, name)}
+    cfg = {"imports": ["$import os", "$import ignite", "$import monai_nacl"], **common(spec)}
     cfg.update(
         {
             "label_values": spec["label_values"],
@@ -533,8 +544,8 @@ def calibrate_config(spec: dict) -> dict:
     return cfg
 
 
-def inference_config(spec: dict, name: str) -> dict:
-    cfg = {"imports": ["$import glob", "$import os", "$import monai_nacl"], **common(spec, name)}
+def inference_config(spec: dict) -> dict:
+    cfg = {"imports": ["$import glob", "$import os", "$import monai_nacl"], **common(spec)}
     cfg["datalist"] = {
         "_target_": "monai_nacl.data.inference_datalist",
         "dataset": spec["layout"],
@@ -565,15 +576,7 @@ def inference_config(spec: dict, name: str) -> dict:
         {"_target_": "AsDiscreted", "keys": "pred", "argmax": True},
     ]
     if spec.get("regions"):
-        n = len(spec["label_values"])
-        post.append(
-            {
-                "_target_": "MapLabelValued",
-                "keys": "pred",
-                "orig_labels": list(range(n)),
-                "target_labels": spec["label_values"],
-            }
-        )
+        post.append(to_raw_labels(spec, "pred"))
     for key, postfix, dtype in (("pred", "seg", "$numpy.uint8"), ("prob", "prob", None), ("entropy", "entropy", None)):
         save = {
             "_target_": "SaveImaged",
@@ -614,7 +617,7 @@ def multi_gpu_train() -> dict:
     return cfg
 
 
-def metadata(spec: dict, name: str) -> dict:
+def metadata(spec: dict) -> dict:
     meta = json.loads((TEMPLATE / "configs" / "metadata.json").read_text())
     meta["version"] = VERSION
     meta["changelog"] = {VERSION: "first release: configs only, no trained weights yet"}
@@ -627,11 +630,7 @@ def metadata(spec: dict, name: str) -> dict:
     )
     meta["data_source"] = spec["source"]
     chan = ", ".join(spec["channels"])
-    norm = (
-        f"CT clipped to [{spec['window'][0]}, {spec['window'][1]}] HU and scaled to [0, 1]"
-        if spec["modality"] == "CT"
-        else "normalised per case and channel to zero mean and unit variance over non-zero voxels"
-    )
+    norm = intensity_text(spec)
     meta["image_classes"] = f"{len(spec['channels'])} channel(s) ({chan}), resampled to {spec['pixdim']} mm, {norm}"
     meta["label_classes"] = "single channel labels: " + ", ".join(f"{i} {c}" for i, c in enumerate(spec["classes"]))
     meta["pred_classes"] = f"{len(spec['classes'])} channels of probabilities ({', '.join(spec['classes'])})"
@@ -738,11 +737,7 @@ The configs are Apache-2.0 (`LICENSE`). The data keeps its own terms ({source}).
 
 def readme(spec: dict, name: str) -> str:
     classes = "\n".join(f"| {i} | {c} |" for i, c in enumerate(spec["classes"]))
-    norm = (
-        f"CT clipped to [{spec['window'][0]}, {spec['window'][1]}] HU and scaled to [0, 1]"
-        if spec["modality"] == "CT"
-        else "per-case, per-channel z-score over non-zero voxels"
-    )
+    norm = intensity_text(spec)
     label_note = ""
     if spec.get("regions"):
         label_note = ", labels 0/1/2/4 mapped to classes 0/1/2/3"
@@ -785,13 +780,13 @@ def render(name: str, spec: dict) -> dict[str, str]:
     dump = lambda obj: json.dumps(obj, indent=4) + "\n"  # noqa: E731
     template = TEMPLATE / "configs"
     return {
-        "configs/train.json": dump(train_config(spec, name)),
+        "configs/train.json": dump(train_config(spec)),
         "configs/evaluate.json": dump(evaluate_config(spec)),
         "configs/calibrate.json": dump(calibrate_config(spec)),
-        "configs/inference.json": dump(inference_config(spec, name)),
+        "configs/inference.json": dump(inference_config(spec)),
         "configs/multi_gpu_train.json": dump(multi_gpu_train()),
         "configs/multi_gpu_evaluate.json": (template / "multi_gpu_evaluate.json").read_text(),
-        "configs/metadata.json": dump(metadata(spec, name)),
+        "configs/metadata.json": dump(metadata(spec)),
         "configs/logging.conf": (template / "logging.conf").read_text(),
         "docs/README.md": readme(spec, name),
         "LICENSE": (TEMPLATE / "LICENSE").read_text(),

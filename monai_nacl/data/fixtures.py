@@ -36,16 +36,19 @@ def _image(rng: np.random.Generator, label: np.ndarray, modality: str) -> np.nda
     from scipy.ndimage import gaussian_filter
 
     values = np.unique(label)
+    foreground = values[values > 0]
+    lut = np.zeros(int(values.max()) + 1)  # intensity per label value, looked up for every voxel at once
     if modality == "CT":  # air around a soft-tissue body, organs 40-250 HU
-        lut = {0: 0.0, **{int(v): 40.0 + 60.0 * i for i, v in enumerate(values[values > 0])}}
+        lut[foreground] = 40.0 + 60.0 * np.arange(len(foreground))
         body = np.zeros(label.shape, bool)
         body[2:-2, 2:-2, :] = True
-        image = np.where(body, 0.0, -1000.0) + np.vectorize(lut.get)(label)
+        image = np.where(body, 0.0, -1000.0) + lut[label]
         noise = 20.0
     else:  # MR: arbitrary scale that differs between cases
         scale = rng.uniform(50, 2000)
-        lut = {0: 0.1, **{int(v): 0.3 + 0.6 * i / max(1, len(values) - 1) for i, v in enumerate(values[values > 0])}}
-        image = scale * np.vectorize(lut.get)(label)
+        lut[0] = 0.1
+        lut[foreground] = 0.3 + 0.6 * np.arange(len(foreground)) / max(1, len(values) - 1)
+        image = scale * lut[label]
         noise = 0.05 * scale
     return (gaussian_filter(image, 0.8) + rng.normal(0, noise, label.shape)).astype(np.float32)
 
