@@ -50,6 +50,9 @@ NO_PRIOR = {
 }
 
 
+CROP32 = {"patch_size": [32, 32, 32]}
+
+
 def _loss(target: str, **kwargs) -> dict:
     return {"loss": {"_target_": f"monai_nacl.losses.{target}", "num_classes": "@num_classes", **kwargs}}
 
@@ -76,14 +79,20 @@ METHODS: dict[str, tuple[str, dict]] = {
     "nacl_a0.5": ("NACL alpha 0.5", _nacl(alpha=0.5)),
     "nacl_k5": ("NACL kernel 5", _nacl(kernel_size=5)),
     "nacl_softmax": ("NACL penalty on softmax", _nacl(penalty_on="softmax")),
-    "nacl_patch": ("NACL prior on the patch", {**NO_PRIOR, **_nacl()}),
+    # Prior ablation: whole-volume training makes "prior from the volume" and "prior from the patch" the same
+    # input, so both arms train on 32^3 crops that cut through the hippocampus.
+    "nacl_crop32": ("NACL 32^3 crops, prior from the volume", {**CROP32, **_nacl()}),
+    "nacl_patch32": ("NACL 32^3 crops, prior from the patch", {**CROP32, **NO_PRIOR, **_nacl()}),
 }
 
 # Queue order: one run of every method first, then the extra seeds, then the ablations.
 DEFAULT_RUNS = [f"{m}_s123" for m in ("dice_ce", "nacl_mean", "ce", "focal", "nacl_ce", "ls", "svls", "mbls", "ecp")]
 DEFAULT_RUNS += ["nacl_gauss_s123"]
 DEFAULT_RUNS += [f"{m}_s{s}" for s in SEEDS[1:] for m in ("dice_ce", "nacl_mean")]
-DEFAULT_RUNS += [f"{m}_s123" for m in ("nacl_a0.01", "nacl_a0.5", "nacl_k5", "nacl_softmax", "nacl_patch")]
+DEFAULT_RUNS += [
+    f"{m}_s123" for m in ("nacl_a0.01", "nacl_a0.5", "nacl_k5", "nacl_softmax", "nacl_crop32", "nacl_patch32")
+]
+DEFAULT_RUNS += [f"{m}_s{s}" for s in SEEDS[1:] for m in ("nacl_a0.5", "nacl_ce", "ce", "svls")]
 
 METRIC_KEYS = ("dice_anterior", "dice_posterior", "dice_mean", "hd95") + tuple(
     f"{k}_{m}" for m in ("fg", "all") for k in ("ece", "cece", "ace", "mce", "nll", "brier")

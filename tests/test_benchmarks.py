@@ -21,13 +21,13 @@ HIPPO_DATA = Path(os.environ.get("MONAI_NACL_HIPPOCAMPUS", ROOT.parent / "shared
 )
 def test_calibration_hippocampus_quick_mode(tmp_path):
     cmd = [sys.executable, str(ROOT / "benchmarks" / "calibration_hippocampus.py"), "--quick", "--threads", "1"]
-    cmd += ["--data-dir", str(HIPPO_DATA), "--out", str(tmp_path / "out"), "--runs", "nacl_patch_s123", "ce_s1"]
+    cmd += ["--data-dir", str(HIPPO_DATA), "--out", str(tmp_path / "out"), "--runs", "nacl_patch32_s123", "ce_s1"]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     out = tmp_path / "out_quick"
     rows = list(csv.DictReader(open(out / "results.csv")))
     assert {(r["run"], r["scaling"]) for r in rows} == {
-        (r, t) for r in ("nacl_patch_s123", "ce_s1") for t in ("T1", "Tfit", "Tfit_fg")
+        (r, t) for r in ("nacl_patch32_s123", "ce_s1") for t in ("T1", "Tfit", "Tfit_fg")
     }
     result_json = json.loads((out / "runs" / "ce_s1" / "result.json").read_text())
     assert result_json["n_test"] == 4 and 0.05 <= result_json["temperature"] <= 20
