@@ -148,14 +148,27 @@ def _bundle_parts(args: argparse.Namespace, datalist: Path | None):
     return parser, datalist_
 
 
+def load_network(parser, run_dir: Path) -> torch.nn.Module:
+    """The run's best checkpoint in the bundle's network, at T = 1 (even if a fitted T was stored), eval mode."""
+    network = parser.get_parsed_content("network_def", instantiate=True)
+    network.load_state_dict(torch.load(run_dir / "models" / "model.pt", weights_only=True, map_location="cpu"))
+    network.set_temperature(1.0)
+    return network.eval()
+
+
 def _logits(network, inferer, data):
     with torch.no_grad():
         for item in data:
             yield item, inferer(item["image"][None], network).float()
 
 
-def evaluate(run_dir: Path, args: argparse.Namespace, datalist: Path | None) -> dict:
-    """Test metrics at T = 1 and at the T fitted on the validation split; reliability statistics saved."""
+def evaluate(
+    run_dir: Path, args: argparse.Namespace, datalist: Path | None, network: torch.nn.Module | None = None
+) -> dict:
+    """Test metrics at T = 1 and at the T fitted on the validation split; reliability statistics saved.
+
+    ``network`` (default: the run's best checkpoint in the bundle's network) must return logits, or
+    log-probabilities, which a temperature scales the same way."""
     from monai.data import Dataset
     from monai.metrics import compute_dice, compute_hausdorff_distance
     from monai.networks.utils import one_hot
@@ -164,10 +177,8 @@ def evaluate(run_dir: Path, args: argparse.Namespace, datalist: Path | None) -> 
     from monai_nacl.metrics import CalibrationMetric
 
     parser, datalist_ = _bundle_parts(args, datalist)
-    network = parser.get_parsed_content("network_def", instantiate=True)
-    network.load_state_dict(torch.load(run_dir / "models" / "model.pt", weights_only=True, map_location="cpu"))
-    network.set_temperature(1.0)  # evaluate the raw network even if a fitted T was stored
-    network.eval()
+    if network is None:
+        network = load_network(parser, run_dir)
     inferer = parser.get_parsed_content("validate#inferer")
     preprocessing = parser.get_parsed_content("validate#preprocessing")
 

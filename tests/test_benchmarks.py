@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 HIPPO_DATA = Path(os.environ.get("MONAI_NACL_HIPPOCAMPUS", ROOT.parent / "shared" / "data" / "hippocampus"))
@@ -37,3 +38,30 @@ def test_calibration_hippocampus_quick_mode(tmp_path):
     # a rerun skips finished runs and only refreshes the tables
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert again.returncode == 0 and "30 epochs" not in again.stdout and "[1/2]" not in again.stdout
+
+    ens = [sys.executable, str(ROOT / "benchmarks" / "ensemble_hippocampus.py"), "--quick", "--threads", "1"]
+    ens += ["--data-dir", str(HIPPO_DATA), "--out", str(tmp_path / "out"), "--methods", "ce", "--seeds", "1"]
+    result = subprocess.run(ens, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    single = json.loads((out / "ensembles" / "ce_ens" / "result.json").read_text())
+    # a one-member ensemble without mirroring is the run itself
+    assert single["T1"]["dice_mean"][0] == pytest.approx(result_json["T1"]["dice_mean"][0], abs=1e-6)
+    assert single["T1"]["ece_fg"][0] == pytest.approx(result_json["T1"]["ece_fg"][0], abs=1e-5)
+    assert "| CE, flip | T1 |" in result.stdout
+
+
+def test_probability_ensemble_averages_probabilities_and_undoes_flips():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from ensemble_hippocampus import ProbabilityEnsemble
+
+    torch.manual_seed(0)
+    a, b = torch.nn.Conv3d(1, 3, 1), torch.nn.Conv3d(1, 3, 3, padding=1)
+    x = torch.randn(2, 1, 5, 6, 7)
+    expected = torch.log((torch.softmax(a(x), 1) + torch.softmax(b(x), 1)) / 2)
+    torch.testing.assert_close(ProbabilityEnsemble([a, b])(x), expected)
+    # a pointwise network commutes with mirroring, so the mirrored view must land back on the same voxels
+    torch.testing.assert_close(ProbabilityEnsemble([a], flip_dims=(2, 4))(x), torch.log_softmax(a(x), 1))
+    # a 3x3x3 network does not: the mirrored view is averaged in, flipped back
+    mirrored = torch.softmax(torch.flip(b(torch.flip(x, (2,))), (2,)), 1)
+    expected = torch.log((torch.softmax(b(x), 1) + mirrored) / 2)
+    torch.testing.assert_close(ProbabilityEnsemble([b], flip_dims=(2,))(x), expected)
