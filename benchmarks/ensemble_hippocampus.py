@@ -86,11 +86,13 @@ def main() -> None:
         if single.is_file():
             rows.insert(0, (f"{ch.METHODS[method][0]}, seed {first[0]}", json.loads(single.read_text())))
     keys = ("dice_mean", "dice_anterior", "dice_posterior", "hd95", "ece_fg", "cece_fg", "nll_fg", "ece_all")
-    print("| model | T | " + " | ".join(keys) + " |")
-    print("| --- | --- |" + " ---: |" * len(keys))
+    lines = ["| model | T | " + " | ".join(keys) + " |", "| --- | --- |" + " ---: |" * len(keys)]
     for label, r in rows:
         for t in ("T1", "Tfit", "Tfit_fg"):
-            print(f"| {label} | {t} | " + " | ".join(f"{r[t][k][0]:.4f}" for k in keys) + " |")
+            lines.append(f"| {label} | {t} | " + " | ".join(f"{r[t][k][0]:.4f}" for k in keys) + " |")
+    table = "\n".join(lines) + "\n"
+    (args.out / "ensembles.md").write_text(table)
+    print(table, end="")
 
 
 if __name__ == "__main__":
