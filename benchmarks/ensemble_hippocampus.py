@@ -76,6 +76,7 @@ def main() -> None:
             run_dir = args.out / "ensembles" / f"{method}_{name}"
             run_dir.mkdir(parents=True, exist_ok=True)
             if not (run_dir / "result.json").is_file():
+                print(f"{method} {name}: {len(runs)} network(s), mirrored along {flips or 'nothing'}", flush=True)
                 network = ProbabilityEnsemble([ch.load_network(parser, r) for r in runs], flips).eval()
                 result = ch.evaluate(run_dir, args, datalist, network=network)
                 (run_dir / "result.json").write_text(json.dumps({**result, "runs": [r.name for r in runs]}))

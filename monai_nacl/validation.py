@@ -6,15 +6,29 @@ stay on in training. Errors are ``ValueError`` messages that name the argument, 
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 
-__all__ = ["as_tensor", "check_label_values", "labels_from_target", "check_logits"]
+__all__ = ["as_tensor", "check_num_classes", "check_label_values", "labels_from_target", "check_logits"]
 
 
 def as_tensor(x: torch.Tensor) -> torch.Tensor:
     """Drop a MONAI ``MetaTensor`` wrapper (keeping autograd history): metadata tracking is slow on hot paths."""
     as_plain = getattr(x, "as_tensor", None)
     return as_plain() if callable(as_plain) else x
+
+
+def check_num_classes(num_classes: object) -> int:
+    """``num_classes`` as an ``int``.
+
+    Raises:
+        ValueError: not a whole number >= 2 (``True``, ``"3"`` and ``2.5`` included).
+    """
+    whole = isinstance(num_classes, numbers.Integral) or (isinstance(num_classes, float) and num_classes.is_integer())
+    if isinstance(num_classes, bool) or not whole or num_classes < 2:
+        raise ValueError(f"num_classes must be an integer >= 2, got {num_classes!r}.")
+    return int(num_classes)
 
 
 def check_logits(input: torch.Tensor, num_classes: int, spatial_dims: int | None = None, name: str = "input") -> None:

@@ -16,7 +16,7 @@ from monai.losses import FocalLoss as _MonaiFocalLoss
 from torch.nn.modules.loss import _Loss
 
 from monai_nacl.prior import _ensure_sigma, ensure_kernel_size, neighbor_prior
-from monai_nacl.validation import as_tensor, check_logits, labels_from_target
+from monai_nacl.validation import as_tensor, check_logits, check_num_classes, labels_from_target
 
 __all__ = ["CrossEntropyLoss", "DiceCELoss", "LabelSmoothingLoss", "FocalLoss", "ECPLoss", "MbLSLoss", "SVLSLoss"]
 
@@ -32,8 +32,7 @@ class _SegmentationLoss(_Loss):
         reduction: str = "mean",
     ) -> None:
         super().__init__(reduction=reduction)
-        if int(num_classes) != num_classes or num_classes < 2:
-            raise ValueError(f"num_classes must be an integer >= 2, got {num_classes}.")
+        num_classes = check_num_classes(num_classes)
         if reduction not in ("mean", "sum"):
             raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}.")
         self.num_classes = int(num_classes)

@@ -11,7 +11,7 @@ from torch.nn.modules.loss import _Loss
 
 from monai_nacl.losses.fused import fused_ce_penalty
 from monai_nacl.prior import KERNELS, PADDINGS, _ensure_sigma, ensure_kernel_size, neighbor_prior
-from monai_nacl.validation import as_tensor, check_logits, labels_from_target
+from monai_nacl.validation import as_tensor, check_logits, check_num_classes, labels_from_target
 
 __all__ = ["NACLLoss"]
 
@@ -81,8 +81,7 @@ class NACLLoss(_Loss):
         lambda_dice: float = 1.0,
     ) -> None:
         super().__init__(reduction=reduction)
-        if int(num_classes) != num_classes or num_classes < 2:
-            raise ValueError(f"num_classes must be an integer >= 2, got {num_classes}.")
+        num_classes = check_num_classes(num_classes)
         if spatial_dims not in (2, 3):
             raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}.")
         if kernel not in KERNELS:

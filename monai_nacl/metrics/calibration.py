@@ -27,7 +27,7 @@ from collections.abc import Sequence
 import torch
 import torch.distributed as dist
 
-from monai_nacl.validation import as_tensor, labels_from_target
+from monai_nacl.validation import as_tensor, check_num_classes, labels_from_target
 
 __all__ = ["CalibrationMetric", "BinStatistics", "calibration_errors"]
 
@@ -130,8 +130,7 @@ class CalibrationMetric:
         ignore_index: int | None = None,
         per_volume: bool = False,
     ) -> None:
-        if int(num_classes) != num_classes or num_classes < 2:
-            raise ValueError(f"num_classes must be an integer >= 2, got {num_classes}.")
+        num_classes = check_num_classes(num_classes)
         if int(num_bins) != num_bins or num_bins < 1:
             raise ValueError(f"num_bins must be a positive integer, got {num_bins}.")
         if mask not in ("all", "foreground"):

@@ -20,7 +20,7 @@ from monai_nacl.prior import (
     neighbor_prior,
     sigma_from_spacing,
 )
-from monai_nacl.validation import check_label_values
+from monai_nacl.validation import check_label_values, check_num_classes
 
 __all__ = ["NeighborPrior", "NeighborPriord"]
 
@@ -66,8 +66,7 @@ class NeighborPrior(Transform):
         neighborhood_mm: float | Sequence[float] | None = None,
         dtype: torch.dtype = torch.float32,
     ) -> None:
-        if int(num_classes) != num_classes or num_classes < 2:
-            raise ValueError(f"num_classes must be an integer >= 2, got {num_classes}.")
+        num_classes = check_num_classes(num_classes)
         if kernel not in KERNELS:
             raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}.")
         if padding not in PADDINGS:
