@@ -3,9 +3,10 @@
 Every method is trained by the Hippocampus bundle's own ``train.json`` (same network, split, patch, augmentation,
 optimiser, schedule and seed handling); a method only overrides the loss and, for methods without a precomputed
 prior, swaps the prior transform for a no-op (exactly as the bundle's ``train_dice_ce.json``). Then, in this
-process, the best checkpoint (validation Dice) is evaluated on the test split at T = 1 and at two temperatures
-fitted on the validation split by NLL: over all voxels (``Tfit``, what the bundles do) and over ground-truth
-foreground voxels only (``Tfit_fg``, the voxels of the paper's ECE protocol).
+process, the best checkpoint (validation Dice) is evaluated on the test split at T = 1 and at temperatures
+fitted on the validation split by NLL: over all voxels (``Tfit``), over ground-truth foreground voxels only
+(``Tfit_fg``, the voxels of the paper's ECE protocol), and two temperatures, one for the voxels near the predicted
+foreground and one for the rest (``Tfit_near``, what the Hippocampus bundle ships).
 
 The work is a queue of runs; each run keeps its checkpoints (training resumes from the last finished epoch), writes
 ``trained.json`` after training and ``result.json`` after evaluation, so a killed job loses at most one epoch. Rerunning skips finished runs and
@@ -39,6 +40,13 @@ BUNDLE = REPO / "bundles" / "hippocampus_mri_nacl_segmentation"
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "hippocampus"
 CLASS_NAMES = ("background", "anterior", "posterior")
 SEEDS = (123, 1, 2)
+NEAR_MARGIN = 1  # voxels around the predicted foreground that get their own temperature (as the bundle)
+SCALINGS = {
+    "T1": "T = 1",
+    "Tfit": "T fitted on all voxels",
+    "Tfit_fg": "T fitted on foreground",
+    "Tfit_near": "two T: near the predicted foreground / elsewhere",
+}
 
 # Transforms of train.json's random list: #1 is the prior transform, #2 the crop, #3 the affine.
 NO_PRIOR = {
@@ -173,7 +181,7 @@ def evaluate(
     from monai.metrics import compute_dice, compute_hausdorff_distance
     from monai.networks.utils import one_hot
 
-    from monai_nacl.calibration import TemperatureFitter
+    from monai_nacl.calibration import TemperatureFitter, near_foreground
     from monai_nacl.metrics import CalibrationMetric
 
     parser, datalist_ = _bundle_parts(args, datalist)
@@ -183,10 +191,17 @@ def evaluate(
     preprocessing = parser.get_parsed_content("validate#preprocessing")
 
     fitters = {m: TemperatureFitter(len(CLASS_NAMES), mask=m) for m in ("all", "foreground")}
+    fitters["near"] = TemperatureFitter(len(CLASS_NAMES), foreground_margin=NEAR_MARGIN)
     for item, logits in _logits(network, inferer, Dataset(datalist_["validation"], preprocessing)):
         for fitter in fitters.values():
             fitter.update(logits, item["label"][None])
     scales = {"T1": 1.0, "Tfit": float(fitters["all"].fit()), "Tfit_fg": float(fitters["foreground"].fit())}
+    scales["Tfit_near"] = fitters["near"].fit().tolist()  # [elsewhere, near the predicted foreground]
+
+    def scaled(logits: torch.Tensor, t: float | list[float]) -> torch.Tensor:
+        if isinstance(t, list):
+            return logits / torch.where(near_foreground(logits, NEAR_MARGIN), t[1], t[0])
+        return logits / t
 
     metrics = {
         (t, m): CalibrationMetric(len(CLASS_NAMES), mask=m, per_volume=True)
@@ -197,7 +212,7 @@ def evaluate(
     for item, logits in _logits(network, inferer, Dataset(datalist_["test"], preprocessing)):
         label = item["label"][None].long()
         for t, scale in scales.items():
-            probs = torch.softmax(logits / scale, 1)
+            probs = torch.softmax(scaled(logits, scale), 1)
             for m in ("foreground", "all"):
                 metrics[(t, m)].update(probs, label)
         pred = one_hot(logits.argmax(1, keepdim=True), len(CLASS_NAMES))
@@ -206,6 +221,7 @@ def evaluate(
         hd95.append(float(compute_hausdorff_distance(pred, gt, include_background=False, percentile=95).mean()))
 
     result: dict = {"temperature": scales["Tfit"], "temperature_fg": scales["Tfit_fg"], "n_test": len(dice)}
+    result["temperature_near"] = scales["Tfit_near"]
     result["per_case"] = {}
     for t in scales:
         cases = {"dice_anterior": [d[0] for d in dice], "dice_posterior": [d[1] for d in dice]}
@@ -237,10 +253,12 @@ def report(out: Path, runs: list[str]) -> None:
             continue
         result = json.loads(path.read_text())
         method, seed = parse_run(run)
-        for t in ("T1", "Tfit", "Tfit_fg"):
-            if t not in result:  # evaluated before foreground temperatures existed: rerun with --reevaluate
+        temperatures = {"T1": 1.0, "Tfit": result["temperature"], "Tfit_fg": result.get("temperature_fg")}
+        temperatures["Tfit_near"] = result.get("temperature_near")
+        for t in SCALINGS:
+            if t not in result:  # evaluated before this scaling existed: rerun with --reevaluate
                 continue
-            temperature = {"T1": 1.0, "Tfit": result["temperature"], "Tfit_fg": result.get("temperature_fg")}[t]
+            temperature = temperatures[t]
             row = {"run": run, "method": method, "seed": seed, "scaling": t, "temperature": temperature}
             row["train_minutes"] = result.get("train_minutes", float("nan"))
             row["resumed"] = bool(result.get("resumed", False))
@@ -278,16 +296,19 @@ def markdown(rows: list[dict]) -> str:
         r = by[(run, "T1")]
         minutes = f"{r['train_minutes']:.1f}" + (" (resumed: last segment)" if r["resumed"] else "")
         lines.append(f"| {name[run]} | " + " | ".join(_cell(r, c) for c in cols) + f" | {minutes} |")
-    lines += ["", "### Temperature scaling: T fitted on all validation voxels vs on foreground voxels (means)", ""]
+    lines += ["", "### Temperature scaling: T fitted on all validation voxels, on foreground voxels, or two T (means)"]
+    lines += [""]
     sub = ("ece_fg", "ece_all", "cece_fg")
-    head = " | ".join(f"{c} ({t})" for t in ("1", "all", "fg") for c in sub)
-    lines += [f"| run | T all | T fg | {head} |", "| --- | ---: | ---: |" + " ---: |" * 9]
+    head = " | ".join(f"{c} ({t})" for t in ("1", "all", "fg", "two") for c in sub)
+    lines += [f"| run | T all | T fg | T two | {head} |", "| --- | ---: | ---: | ---: |" + " ---: |" * 12]
     for run in runs:
         if (run, "Tfit_fg") not in by:
             continue
-        t1, ta, tf = by[(run, "T1")], by[(run, "Tfit")], by[(run, "Tfit_fg")]
-        cells = [_cell(r, c, std=False) for r in (t1, ta, tf) for c in sub]
-        lines.append(f"| {name[run]} | {ta['temperature']:.2f} | {tf['temperature']:.2f} | " + " | ".join(cells) + " |")
+        t1, ta, tf, tn = (by.get((run, t)) for t in SCALINGS)
+        cells = [_cell(r, c, std=False) if r else "–" for r in (t1, ta, tf, tn) for c in sub]
+        two = "/".join(f"{v:.2f}" for v in tn["temperature"]) if tn else "–"
+        temps = f"{ta['temperature']:.2f} | {tf['temperature']:.2f} | {two}"
+        lines.append(f"| {name[run]} | {temps} | " + " | ".join(cells) + " |")
     groups: dict[tuple[str, str], list[dict]] = {}
     for r in rows:
         groups.setdefault((r["method"], r["scaling"]), []).append(r)
@@ -301,7 +322,7 @@ def markdown(rows: list[dict]) -> str:
                 f"{statistics.fmean(r[c] for r in group):.3f} ± {statistics.stdev(r[c] for r in group):.3f}"
                 for c in cols
             ]
-            t = {"T1": "1", "Tfit": "fitted, all", "Tfit_fg": "fitted, fg"}[scaling]
+            t = {"T1": "1", "Tfit": "fitted, all", "Tfit_fg": "fitted, fg", "Tfit_near": "two T"}[scaling]
             lines.append(f"| {METHODS[method][0]} ({len(group)}) | {t} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -312,15 +333,14 @@ def _figures(out: Path, runs: list[str]) -> None:
     from monai_nacl.visualize import plot_reliability
 
     for run in runs:
-        for t in ("T1", "Tfit", "Tfit_fg"):
+        for t in SCALINGS:
             png = out / "figures" / f"{run}_{t}.png"
             bins = out / "runs" / run / f"bins_{t}_fg.pt"
             if not bins.is_file():
                 continue
             stats = BinStatistics(**torch.load(bins, weights_only=True))
             method, seed = parse_run(run)
-            scaling = {"T1": "T = 1", "Tfit": "T fitted on all voxels", "Tfit_fg": "T fitted on foreground"}[t]
-            title = f"{METHODS[method][0]}, seed {seed}, {scaling} (test, foreground)"
+            title = f"{METHODS[method][0]}, seed {seed}, {SCALINGS[t]} (test, foreground)"
             plot_reliability(stats, png, class_names=CLASS_NAMES, title=title)
 
 

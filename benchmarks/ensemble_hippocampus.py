@@ -3,7 +3,7 @@
 Cheap routes towards the Hippocampus bundle's quality bar that need no more training: average the softmax
 of the three seeds of one method (a deep ensemble) and/or of each network on the volume and its left-right
 mirror. Each variant is evaluated exactly as ``calibration_hippocampus.py`` evaluates a single run (test split
-at T = 1, T fitted on all / foreground validation voxels), from the runs that script trained.
+at T = 1 and the fitted temperatures), from the runs that script trained.
 
 Usage::
 
@@ -89,7 +89,7 @@ def main() -> None:
     keys = ("dice_mean", "dice_anterior", "dice_posterior", "hd95", "ece_fg", "cece_fg", "nll_fg", "ece_all")
     lines = ["| model | T | " + " | ".join(keys) + " |", "| --- | --- |" + " ---: |" * len(keys)]
     for label, r in rows:
-        for t in ("T1", "Tfit", "Tfit_fg"):
+        for t in (t for t in ch.SCALINGS if t in r):
             lines.append(f"| {label} | {t} | " + " | ".join(f"{r[t][k][0]:.4f}" for k in keys) + " |")
     table = "\n".join(lines) + "\n"
     (args.out / "ensembles.md").write_text(table)

@@ -28,10 +28,11 @@ def test_calibration_hippocampus_quick_mode(tmp_path):
     out = tmp_path / "out_quick"
     rows = list(csv.DictReader(open(out / "results.csv")))
     assert {(r["run"], r["scaling"]) for r in rows} == {
-        (r, t) for r in ("nacl_patch32_s123", "ce_s1") for t in ("T1", "Tfit", "Tfit_fg")
+        (r, t) for r in ("nacl_patch32_s123", "ce_s1") for t in ("T1", "Tfit", "Tfit_fg", "Tfit_near")
     }
     result_json = json.loads((out / "runs" / "ce_s1" / "result.json").read_text())
     assert result_json["n_test"] == 4 and 0.05 <= result_json["temperature"] <= 20
+    assert len(result_json["temperature_near"]) == 2
     for key in ("dice_anterior", "hd95", "ece_fg", "ece_all", "cece_fg", "ace_fg", "mce_fg", "nll_fg", "brier_fg"):
         assert len(result_json["per_case"]["T1"][key]) == 4
     assert (out / "figures" / "ce_s1_Tfit.png").is_file()

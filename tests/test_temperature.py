@@ -101,3 +101,94 @@ def test_compose_temperature_multiplies_and_clamps():
     assert compose_temperature(torch.tensor([0.1]), torch.tensor([0.1])).item() == pytest.approx(T_MIN)
     per_class = compose_temperature(torch.tensor([1.0, 2.0, 4.0]), torch.tensor([2.0, 1.0, 0.5]))
     assert torch.allclose(per_class, torch.tensor([2.0, 2.0, 2.0]))
+
+
+def test_near_foreground_dilates_the_predicted_foreground():
+    from monai_nacl.calibration import near_foreground
+
+    logits = torch.zeros(1, 3, 7, 7, 7)
+    logits[:, 0] = 1.0
+    logits[0, 2, 3, 3, 3] = 5.0  # one voxel predicted as class 2
+    assert near_foreground(logits, 0).sum() == 1
+    near = near_foreground(logits, 1)
+    assert near.shape == (1, 1, 7, 7, 7) and near.sum() == 27 and near[0, 0, 2:5, 2:5, 2:5].all()
+    assert torch.equal(near_foreground(logits / 3.0, 2), near_foreground(logits, 2))  # temperature-free
+    assert near_foreground(logits[..., 3], 1).sum() == 9  # 2D
+
+
+def _two_region_toy(rng, margin=1, t_near=2.5, size=24):
+    """Calibrated logits everywhere, then made over-confident by ``t_near`` near the predicted foreground."""
+    z = torch.randn(3, 3, size, size, size, generator=rng)
+    z[:, 0] += 3.0
+    c = slice(size // 3, 2 * size // 3)
+    z[:, 0, c, c, c] -= 4.0  # a structure of classes 1/2 in the middle
+    p = torch.softmax(z, 1).movedim(1, -1).reshape(-1, 3)
+    y = torch.multinomial(p, 1, generator=rng).view(3, 1, size, size, size)
+    from monai_nacl.calibration import near_foreground
+
+    near = near_foreground(z, margin)
+    return torch.where(near, z * t_near, z), y, near
+
+
+def test_two_region_fit_recovers_each_temperature(rng):
+    z, y, near = _two_region_toy(rng)
+    fitter = TemperatureFitter(3, foreground_margin=1, voxels_per_volume=4000)
+    fitter.update(z, y)
+    t = fitter.fit()
+    assert t.shape == (2,)
+    assert abs(t[0] - 1.0) < 0.1 and abs(t[1] - 2.5) / 2.5 < 0.1, t
+    # each region is sampled on its own: the small near-foreground region is not drowned by the rest
+    assert int(torch.cat(fitter._regions).sum()) == 3 * 4000
+    # one global T cannot do both: it lands in between and leaves the near region over-confident
+    glob = TemperatureFitter(3, voxels_per_volume=8000)
+    glob.update(z, y)
+    assert 1.0 < glob.fit().item() < 2.0
+
+    net = TemperatureScaled(_Identity(), foreground_margin=1)
+    net.set_temperature(t)
+    scaled = net(z)
+    torch.testing.assert_close(scaled, torch.where(near, z / t[1], z / t[0]))
+    assert torch.equal(scaled.argmax(1), z.argmax(1))
+    # ECE over the voxels near the structure (the others ignored) and over all voxels
+    y_near = torch.where(near, y, torch.full_like(y, 255))
+    ece = {}
+    for name, logits in (("two", scaled), ("global", z / glob.fit().item())):
+        for region, labels in (("near", y_near), ("all", y)):
+            m = CalibrationMetric(3, ignore_index=255)
+            m(torch.softmax(logits, 1), labels)
+            ece[name, region] = m.aggregate("micro")["ece"]
+    assert ece["two", "near"] < 0.5 * ece["global", "near"], ece
+    assert ece["two", "all"] < ece["global", "all"], ece
+
+
+def test_two_region_wrapper_loads_single_temperature_and_scripts():
+    unet = UNet(3, 1, 3, channels=(4, 8), strides=(2,), num_res_units=1)
+    old = TemperatureScaled(unet, temperature=1.7).state_dict()
+    net = TemperatureScaled(UNet(3, 1, 3, channels=(4, 8), strides=(2,), num_res_units=1), foreground_margin=2)
+    net.load_state_dict(old)
+    assert torch.equal(net.temperature, torch.tensor([1.7, 1.7]))
+    net.set_temperature(torch.tensor([0.8, 2.0]))
+    net.eval()
+    x = torch.randn(1, 1, 8, 8, 8)
+    scripted = torch.jit.script(net)
+    torch.testing.assert_close(scripted(x), net(x))
+    with pytest.raises(ValueError, match="cannot be combined"):
+        TemperatureScaled(_Identity(), num_classes=3, per_class=True, foreground_margin=1)
+    with pytest.raises(ValueError, match="non-negative integer"):
+        TemperatureScaled(_Identity(), foreground_margin=-1)
+    with pytest.raises(ValueError, match="mask='all'"):
+        TemperatureFitter(3, mask="foreground", foreground_margin=1)
+
+
+def test_fit_temperature_and_handler_follow_the_network_margin(rng):
+    from monai_nacl.handlers import TemperatureFitHandler
+
+    z, y, _ = _two_region_toy(rng, size=16)
+    net = TemperatureScaled(_Identity(), foreground_margin=1, temperature=2.0)
+    net.register_parameter("dummy", nn.Parameter(torch.zeros(1)))
+    data = [{"image": z[i : i + 1], "label": y[i : i + 1]} for i in range(3)]
+    total = fit_temperature(net, data, num_classes=3)
+    assert total.shape == (2,) and abs(total[0] - 1.0) < 0.15 and abs(total[1] - 2.5) / 2.5 < 0.15, total
+    with pytest.raises(ValueError, match="differs from the network"):
+        TemperatureFitHandler(net, num_classes=3, foreground_margin=3)
+    assert TemperatureFitHandler(net, num_classes=3).fitter.foreground_margin == 1

@@ -7,6 +7,15 @@ from monai_nacl.calibration.temperature import (
     TemperatureScaled,
     compose_temperature,
     fit_temperature,
+    near_foreground,
 )
 
-__all__ = ["TemperatureScaled", "TemperatureFitter", "fit_temperature", "compose_temperature", "T_MIN", "T_MAX"]
+__all__ = [
+    "TemperatureScaled",
+    "TemperatureFitter",
+    "fit_temperature",
+    "compose_temperature",
+    "near_foreground",
+    "T_MIN",
+    "T_MAX",
+]

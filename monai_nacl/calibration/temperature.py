@@ -6,11 +6,17 @@ TorchScript export, MONAI Label) gets calibrated probabilities, and the weights 
 
 Fitting never holds all voxels: :class:`TemperatureFitter` keeps a fixed-size random sample of voxel logits
 per volume, then minimises their NLL over ``log T`` within bounds.
+
+One global ``T`` is fitted mostly on easy background voxels, which are already well calibrated, so it barely
+corrects the over-confident voxels at the structures (docs/calibration.md). With ``foreground_margin`` there
+are two temperatures: one for voxels within that many voxels of the *predicted* foreground (known at
+inference, no ground truth needed) and one for the rest, each fitted on its own voxels.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Iterable
 
 import torch
@@ -19,13 +25,37 @@ import torch.nn.functional as F
 
 from monai_nacl.validation import as_tensor, labels_from_target
 
-__all__ = ["compose_temperature", "TemperatureScaled", "TemperatureFitter", "fit_temperature", "T_MIN", "T_MAX"]
+__all__ = [
+    "compose_temperature",
+    "near_foreground",
+    "TemperatureScaled",
+    "TemperatureFitter",
+    "fit_temperature",
+    "T_MIN",
+    "T_MAX",
+]
 
 T_MIN, T_MAX = 0.05, 20.0
 
 
+def near_foreground(logits: torch.Tensor, margin: int) -> torch.Tensor:
+    """``B,1,*spatial`` mask of the voxels within ``margin`` voxels (Chebyshev distance) of the predicted
+    foreground: ``argmax`` over channels is not 0. Unchanged by any positive temperature."""
+    fg = (logits.argmax(1, keepdim=True) != 0).to(logits.dtype)
+    if margin > 0:
+        k = 2 * margin + 1
+        if fg.dim() == 5:
+            fg = F.max_pool3d(fg, k, 1, margin)
+        elif fg.dim() == 4:
+            fg = F.max_pool2d(fg, k, 1, margin)
+        else:
+            fg = F.max_pool1d(fg, k, 1, margin)
+    return fg > 0
+
+
 class TemperatureScaled(nn.Module):
-    """``network(x) / T``, with ``T`` a buffer (one value, or one per class along the channel axis).
+    """``network(x) / T``, with ``T`` a buffer: one value, one per class along the channel axis, or two values
+    ``[elsewhere, near the predicted foreground]``.
 
     Args:
         network: any module returning logits ``B,C,*spatial``.
@@ -34,12 +64,21 @@ class TemperatureScaled(nn.Module):
         temperature: initial value(s) (1.0 leaves the network unchanged).
         dropout: if given, the probability set on every ``nn.Dropout*`` module of ``network`` (MONAI Label
             sets ``network_def#dropout`` for epistemic scoring; MONAI's UNet keeps ``p=0`` dropout modules).
+        foreground_margin: if given, voxels within this many voxels of the predicted foreground (channel 0 is
+            background; see :func:`near_foreground`) are divided by ``T[1]``, the others by ``T[0]``. The
+            segmentation is unchanged; a stored single ``T`` loads as both values.
+
+    Raises:
+        ValueError: ``per_class`` without ``num_classes`` or together with ``foreground_margin``, a negative
+            margin, or a temperature outside ``[T_MIN, T_MAX]``.
 
     Example:
         >>> from monai.networks.nets import UNet
         >>> net = TemperatureScaled(UNet(3, 1, 3, channels=(8, 16), strides=(2,)))
         >>> net.temperature
         tensor([1.])
+        >>> TemperatureScaled(UNet(3, 1, 3, channels=(8, 16), strides=(2,)), foreground_margin=1).temperature
+        tensor([1., 1.])
     """
 
     def __init__(
@@ -49,14 +88,22 @@ class TemperatureScaled(nn.Module):
         per_class: bool = False,
         temperature: float | torch.Tensor = 1.0,
         dropout: float | None = None,
+        foreground_margin: int | None = None,
     ) -> None:
         super().__init__()
         if per_class and not num_classes:
             raise ValueError("per_class=True needs num_classes.")
-        size = int(num_classes) if per_class else 1
+        if foreground_margin is not None:
+            if per_class:
+                raise ValueError("per_class and foreground_margin cannot be combined.")
+            if int(foreground_margin) != foreground_margin or foreground_margin < 0:
+                raise ValueError(f"foreground_margin must be a non-negative integer, got {foreground_margin!r}.")
+            foreground_margin = int(foreground_margin)
+        size = int(num_classes) if per_class else (1 if foreground_margin is None else 2)
         t = torch.as_tensor(temperature, dtype=torch.float32).flatten().expand(size).clone()
         _check_temperature(t)
         self.network = network
+        self.foreground_margin = foreground_margin
         self.register_buffer("temperature", t)
         if dropout is not None:
             if not 0.0 <= float(dropout) < 1.0:
@@ -75,9 +122,20 @@ class TemperatureScaled(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         logits = self.network(x)
         t = self.temperature.to(logits.dtype)
+        if self.foreground_margin is not None:
+            near = near_foreground(logits, self.foreground_margin)
+            return logits / torch.where(near, t[1], t[0])
         for _ in range(logits.dim() - 2):
             t = t.unsqueeze(-1)
         return logits / t
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # weights calibrated with one global T (or not at all) load into the two-temperature form
+        key = prefix + "temperature"
+        stored = state_dict.get(key)
+        if stored is not None and stored.numel() == 1 and self.temperature.numel() == 2:
+            state_dict[key] = stored.flatten().expand(2).clone()
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
 def _check_temperature(t: torch.Tensor) -> None:
@@ -96,6 +154,9 @@ class TemperatureFitter:
         ignore_index: label never sampled.
         max_voxels: cap on the total sample (reservoir-style thinning beyond it).
         seed: sampling seed.
+        foreground_margin: fit ``[T elsewhere, T near the predicted foreground]`` as
+            :class:`TemperatureScaled` with the same margin applies them; ``voxels_per_volume`` are then sampled
+            from each of the two regions (needs ``mask="all"``).
 
     Example:
         >>> fitter = TemperatureFitter(num_classes=3)
@@ -112,9 +173,15 @@ class TemperatureFitter:
         ignore_index: int | None = None,
         max_voxels: int = 2_000_000,
         seed: int = 0,
+        foreground_margin: int | None = None,
     ) -> None:
         if mask not in ("all", "foreground"):
             raise ValueError(f"mask must be 'all' or 'foreground', got {mask!r}.")
+        if foreground_margin is not None and (mask != "all" or per_class):
+            raise ValueError("foreground_margin needs mask='all' and per_class=False: it splits all voxels in two.")
+        if foreground_margin is not None and (int(foreground_margin) != foreground_margin or foreground_margin < 0):
+            raise ValueError(f"foreground_margin must be a non-negative integer, got {foreground_margin!r}.")
+        self.foreground_margin = None if foreground_margin is None else int(foreground_margin)
         self.num_classes, self.per_class, self.mask = int(num_classes), per_class, mask
         self.voxels_per_volume, self.ignore_index, self.max_voxels = (
             int(voxels_per_volume),
@@ -127,6 +194,7 @@ class TemperatureFitter:
     def reset(self) -> None:
         self._logits: list[torch.Tensor] = []
         self._labels: list[torch.Tensor] = []
+        self._regions: list[torch.Tensor] = []  # 1 = near the predicted foreground (with foreground_margin)
         self._count = 0
 
     def update(self, logits: torch.Tensor, target: torch.Tensor) -> None:
@@ -145,17 +213,28 @@ class TemperatureFitter:
                 keep &= y != self.ignore_index
             if self.mask == "foreground":
                 keep &= y != 0
-            idx = torch.nonzero(keep.cpu()).flatten()
-            if idx.numel() > self.voxels_per_volume:
-                idx = idx[torch.randperm(idx.numel(), generator=self.generator)[: self.voxels_per_volume]]
-            idx = idx.to(z.device)
+            if self.foreground_margin is None:
+                near = torch.zeros_like(keep)
+                groups = [self._sample(keep)]
+            else:
+                near = near_foreground(logits[b : b + 1], self.foreground_margin).reshape(-1)
+                groups = [self._sample(keep & ~near), self._sample(keep & near)]
+            idx = torch.cat(groups).to(z.device)
             self._logits.append(z[:, idx].T.float().cpu())
             self._labels.append(y[idx].long().cpu())
+            self._regions.append(near[idx].cpu())
             self._count += idx.numel()
         if self._count > self.max_voxels:
-            z, y = torch.cat(self._logits), torch.cat(self._labels)
+            z, y, r = torch.cat(self._logits), torch.cat(self._labels), torch.cat(self._regions)
             keep = torch.randperm(z.shape[0], generator=self.generator)[: self.max_voxels]
-            self._logits, self._labels, self._count = [z[keep]], [y[keep]], self.max_voxels
+            self._logits, self._labels, self._regions = [z[keep]], [y[keep]], [r[keep]]
+            self._count = self.max_voxels
+
+    def _sample(self, eligible: torch.Tensor) -> torch.Tensor:
+        idx = torch.nonzero(eligible.cpu()).flatten()
+        if idx.numel() > self.voxels_per_volume:
+            idx = idx[torch.randperm(idx.numel(), generator=self.generator)[: self.voxels_per_volume]]
+        return idx
 
     def samples(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The sampled ``(logits N,C, labels N)``."""
@@ -164,7 +243,8 @@ class TemperatureFitter:
         return torch.cat(self._logits), torch.cat(self._labels)
 
     def fit(self, max_iter: int = 100) -> torch.Tensor:
-        """Return the fitted temperature (shape ``1`` or ``C``) within ``[T_MIN, T_MAX]``."""
+        """Return the fitted temperature (shape ``1``, ``C``, or ``2`` with ``foreground_margin``) within
+        ``[T_MIN, T_MAX]``. A region without sampled voxels keeps ``T = 1`` (with a warning)."""
         z, y = self.samples()
         z = z.double()
         lo, hi = math.log(T_MIN), math.log(T_MAX)
@@ -172,24 +252,18 @@ class TemperatureFitter:
         def nll(log_t: torch.Tensor) -> torch.Tensor:
             return F.cross_entropy(z / log_t.exp(), y)
 
-        if not self.per_class:
-            # NLL is convex in 1/T, hence unimodal in log T: golden-section search on the bounded interval.
-            a, b = lo, hi
-            g = (math.sqrt(5) - 1) / 2
-            c, d = b - g * (b - a), a + g * (b - a)
-            fc, fd = nll(torch.tensor([c])), nll(torch.tensor([d]))
-            for _ in range(max_iter):
-                if fc < fd:
-                    b, d, fd = d, c, fc
-                    c = b - g * (b - a)
-                    fc = nll(torch.tensor([c]))
+        if self.foreground_margin is not None:
+            regions = torch.cat(self._regions)
+            t = torch.ones(2)
+            for r, name in enumerate(("away from", "near")):
+                sel = regions == bool(r)
+                if bool(sel.any()):
+                    t[r] = _fit_global(z[sel], y[sel], max_iter)
                 else:
-                    a, c, fc = c, d, fd
-                    d = a + g * (b - a)
-                    fd = nll(torch.tensor([d]))
-                if b - a < 1e-6:
-                    break
-            return torch.tensor([math.exp((a + b) / 2)], dtype=torch.float32)
+                    warnings.warn(f"no voxel {name} the predicted foreground was sampled: its T stays 1.", stacklevel=2)
+            return t
+        if not self.per_class:
+            return torch.tensor([_fit_global(z, y, max_iter)], dtype=torch.float32)
 
         log_t = torch.zeros(self.num_classes, dtype=torch.float64, requires_grad=True)
         opt = torch.optim.LBFGS([log_t], lr=1.0, max_iter=max_iter, line_search_fn="strong_wolfe")
@@ -202,6 +276,31 @@ class TemperatureFitter:
 
         opt.step(closure)
         return log_t.detach().clamp(lo, hi).exp().float()
+
+
+def _fit_global(z: torch.Tensor, y: torch.Tensor, max_iter: int) -> float:
+    """The ``T`` in ``[T_MIN, T_MAX]`` minimising the NLL of logits ``z`` (N,C) for labels ``y``. NLL is convex
+    in 1/T, hence unimodal in log T: golden-section search on the bounded interval."""
+
+    def nll(log_t: float) -> torch.Tensor:
+        return F.cross_entropy(z / math.exp(log_t), y)
+
+    a, b = math.log(T_MIN), math.log(T_MAX)
+    g = (math.sqrt(5) - 1) / 2
+    c, d = b - g * (b - a), a + g * (b - a)
+    fc, fd = nll(c), nll(d)
+    for _ in range(max_iter):
+        if fc < fd:
+            b, d, fd = d, c, fc
+            c = b - g * (b - a)
+            fc = nll(c)
+        else:
+            a, c, fc = c, d, fd
+            d = a + g * (b - a)
+            fd = nll(d)
+        if b - a < 1e-6:
+            break
+    return math.exp((a + b) / 2)
 
 
 @torch.no_grad()
@@ -220,6 +319,8 @@ def fit_temperature(
     If ``network`` is a :class:`TemperatureScaled`, the returned value is the *total* temperature to set
     (the current one times the fitted correction), so ``network.set_temperature(result)`` is always right.
     """
+    if isinstance(network, TemperatureScaled):
+        fitter_kwargs.setdefault("foreground_margin", network.foreground_margin)
     fitter = TemperatureFitter(num_classes, **fitter_kwargs)
     device = torch.device(device) if device is not None else next(network.parameters()).device
     was_training = network.training

@@ -173,6 +173,12 @@ class TemperatureFitHandler:
             raise ValueError(
                 f"network must be a monai_nacl.calibration.TemperatureScaled, got {type(network).__name__}."
             )
+        margin = fitter_kwargs.setdefault("foreground_margin", network.foreground_margin)
+        if margin != network.foreground_margin:
+            raise ValueError(
+                f"foreground_margin={margin} differs from the network's ({network.foreground_margin}): the fitted "
+                "temperatures would be applied to other voxels than they were fitted on."
+            )
         self.network, self.output_transform, self.save_path = network, output_transform, save_path
         self.fitter = TemperatureFitter(num_classes, **fitter_kwargs)
         self.fitted: torch.Tensor | None = None
