@@ -192,6 +192,8 @@ def test_hippocampus_train_evaluate_calibrate_infer(tmp_path):
         wf.run()
         assert (tmp_path / "models" / "model.pt").is_file()
     _workflow(HIPPO_BUNDLE, ["train.json", "calibrate.json"], "train", **tiny).run()
+    fitted = torch.load(tmp_path / "models" / "model.pt", weights_only=True)["temperature"]
+    assert fitted.shape == (2,) and not torch.equal(fitted, torch.ones(2))  # near the structures / elsewhere
     evaluate = _workflow(HIPPO_BUNDLE, ["train.json", "evaluate.json"], "train", **tiny)
     evaluate.run()
     assert "val_ece" in evaluate.parser.get_parsed_content("validate#evaluator").state.metrics
@@ -237,6 +239,16 @@ def test_hippocampus_multi_gpu_config_with_torchrun_on_cpu(tmp_path):
 
 
 def test_shipped_hippocampus_models_load_plain():
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(str(HIPPO_BUNDLE / "configs" / "inference.json"))
+    network = parser.get_parsed_content("network_def")
+    assert network.foreground_margin == 1
     for name in ("model.pt", "model_dice_ce.pt"):
         state = torch.load(HIPPO_BUNDLE / "models" / name, weights_only=True)
-        assert state["temperature"].item() > 1.0 and all(isinstance(v, torch.Tensor) for v in state.values())
+        assert all(isinstance(v, torch.Tensor) for v in state.values())
+        # two temperatures [elsewhere, near the predicted foreground]: the structures are over-confident
+        far, near = state["temperature"].tolist()
+        assert near > 1.0 and near > far
+        network.load_state_dict(state)  # strict
