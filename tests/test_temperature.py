@@ -168,6 +168,9 @@ def test_two_region_wrapper_loads_single_temperature_and_scripts():
     net.load_state_dict(old)
     assert torch.equal(net.temperature, torch.tensor([1.7, 1.7]))
     net.set_temperature(torch.tensor([0.8, 2.0]))
+    one_t = TemperatureScaled(UNet(3, 1, 3, channels=(4, 8), strides=(2,), num_res_units=1))
+    with pytest.raises(RuntimeError, match="calibrated with foreground_margin set"):
+        one_t.load_state_dict(net.state_dict())
     net.eval()
     x = torch.randn(1, 1, 8, 8, 8)
     scripted = torch.jit.script(net)

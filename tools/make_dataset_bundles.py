@@ -218,6 +218,8 @@ def network(spec: dict) -> dict:
             "num_res_units": 2,
             "norm": "instance",
         },
+        # one temperature near the predicted structures and one elsewhere (docs/calibration.md)
+        "foreground_margin": 1,
         "dropout": 0.0,
     }
 
@@ -688,7 +690,7 @@ data. The resources below are estimates, not measurements.
 ## Model and training
 
 * Network: `TemperatureScaled(UNet(channels 32-64-128-256-320, strides {strides}, 2 residual units,
-  instance norm))`, {in_channels} input channel(s) ({channels}).
+  instance norm), foreground_margin=1)`, {in_channels} input channel(s) ({channels}).
 * Preprocessing: RAS orientation, resampling to {pixdim} mm (`monai_nacl.transforms.SafeSpacingd`, which
   survives MONAI Label's `image_*` string keys), {norm}{label_note}.
 * Training: patches of {patch} voxels (2 per volume, 2:1 foreground:background centres), random affine,
@@ -711,7 +713,9 @@ Run from this folder; `DATA` is your copy of the dataset.
     python -m monai.bundle run --config_file configs/inference.json --bundle_root . --dataset_dir $DATA
     torchrun --nproc_per_node=2 -m monai.bundle run --config_file "['configs/train.json','configs/multi_gpu_train.json']" --bundle_root . --dataset_dir $DATA
 
-`calibrate.json` fits the temperature on the validation split and writes it into `models/model.pt`;
+`calibrate.json` fits two temperatures on the validation split — one for the voxels within 1 voxel of the
+predicted foreground, one for the rest ([docs/calibration.md](../../../docs/calibration.md)) — and writes them
+into `models/model.pt`;
 `evaluate.json` reports Dice, HD95, ECE (top-label, 15 bins, ground-truth foreground voxels, per volume),
 class-wise ECE, ACE, MCE, NLL and Brier on the test split with reliability diagrams and per-case CSVs;
 `inference.json` segments the test split's images (or your `datalist`) and writes, in the original image

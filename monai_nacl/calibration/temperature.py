@@ -129,13 +129,19 @@ class TemperatureScaled(nn.Module):
             t = t.unsqueeze(-1)
         return logits / t
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # weights calibrated with one global T (or not at all) load into the two-temperature form
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, error_msgs):
         key = prefix + "temperature"
         stored = state_dict.get(key)
         if stored is not None and stored.numel() == 1 and self.temperature.numel() == 2:
+            # weights calibrated with one global T (or not at all) load into the two-temperature form
             state_dict[key] = stored.flatten().expand(2).clone()
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        elif stored is not None and stored.numel() == 2 and self.temperature.numel() == 1:
+            error_msgs.append(
+                f"{key} holds two temperatures [elsewhere, near the predicted foreground]: these weights were "
+                "calibrated with foreground_margin set; build TemperatureScaled with the same foreground_margin."
+            )
+            state_dict = {k: v for k, v in state_dict.items() if k != key}
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, unexpected, error_msgs)
 
 
 def _check_temperature(t: torch.Tensor) -> None:
