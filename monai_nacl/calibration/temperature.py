@@ -41,7 +41,7 @@ T_MIN, T_MAX = 0.05, 20.0
 def near_foreground(logits: torch.Tensor, margin: int) -> torch.Tensor:
     """``B,1,*spatial`` mask of the voxels within ``margin`` voxels (Chebyshev distance) of the predicted
     foreground: ``argmax`` over channels is not 0. Unchanged by any positive temperature."""
-    fg = (logits.argmax(1, keepdim=True) != 0).to(logits.dtype)
+    fg = (logits.argmax(1, keepdim=True) != 0).float()  # float32: CPU max pooling lacks half kernels
     if margin > 0:
         k = 2 * margin + 1
         if fg.dim() == 5:
