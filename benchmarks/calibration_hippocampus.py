@@ -181,7 +181,7 @@ def evaluate(
     from monai.metrics import compute_dice, compute_hausdorff_distance
     from monai.networks.utils import one_hot
 
-    from monai_nacl.calibration import TemperatureFitter, near_foreground
+    from monai_nacl.calibration import TemperatureFitter, apply_temperature
     from monai_nacl.metrics import CalibrationMetric
 
     parser, datalist_ = _bundle_parts(args, datalist)
@@ -199,9 +199,7 @@ def evaluate(
     scales["Tfit_near"] = fitters["near"].fit().tolist()  # [elsewhere, near the predicted foreground]
 
     def scaled(logits: torch.Tensor, t: float | list[float]) -> torch.Tensor:
-        if isinstance(t, list):
-            return logits / torch.where(near_foreground(logits, NEAR_MARGIN), t[1], t[0])
-        return logits / t
+        return apply_temperature(logits, torch.tensor(t), NEAR_MARGIN if isinstance(t, list) else None)
 
     metrics = {
         (t, m): CalibrationMetric(len(CLASS_NAMES), mask=m, per_volume=True)

@@ -5,6 +5,7 @@ from monai_nacl.calibration.temperature import (
     T_MIN,
     TemperatureFitter,
     TemperatureScaled,
+    apply_temperature,
     compose_temperature,
     fit_temperature,
     near_foreground,
@@ -16,6 +17,7 @@ __all__ = [
     "fit_temperature",
     "compose_temperature",
     "near_foreground",
+    "apply_temperature",
     "T_MIN",
     "T_MAX",
 ]

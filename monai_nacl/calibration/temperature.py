@@ -28,6 +28,7 @@ from monai_nacl.validation import as_tensor, labels_from_target
 __all__ = [
     "compose_temperature",
     "near_foreground",
+    "apply_temperature",
     "TemperatureScaled",
     "TemperatureFitter",
     "fit_temperature",
@@ -51,6 +52,25 @@ def near_foreground(logits: torch.Tensor, margin: int) -> torch.Tensor:
         else:
             fg = F.max_pool1d(fg, k, 1, margin)
     return fg > 0
+
+
+def apply_temperature(logits: torch.Tensor, temperature: torch.Tensor, foreground_margin: int | None = None):
+    """``logits`` divided by ``temperature``: one value, one per channel, or (with ``foreground_margin``)
+    ``[elsewhere, near the predicted foreground]`` chosen per voxel by :func:`near_foreground`."""
+    t = torch.as_tensor(temperature, device=logits.device).to(logits.dtype)
+    if foreground_margin is not None:
+        return logits / torch.where(near_foreground(logits, foreground_margin), t[1], t[0])
+    for _ in range(logits.dim() - 2):
+        t = t.unsqueeze(-1)
+    return logits / t
+
+
+def _check_margin(foreground_margin: int | None) -> int | None:
+    if foreground_margin is None:
+        return None
+    if int(foreground_margin) != foreground_margin or foreground_margin < 0:
+        raise ValueError(f"foreground_margin must be a non-negative integer, got {foreground_margin!r}.")
+    return int(foreground_margin)
 
 
 class TemperatureScaled(nn.Module):
@@ -93,12 +113,9 @@ class TemperatureScaled(nn.Module):
         super().__init__()
         if per_class and not num_classes:
             raise ValueError("per_class=True needs num_classes.")
-        if foreground_margin is not None:
-            if per_class:
-                raise ValueError("per_class and foreground_margin cannot be combined.")
-            if int(foreground_margin) != foreground_margin or foreground_margin < 0:
-                raise ValueError(f"foreground_margin must be a non-negative integer, got {foreground_margin!r}.")
-            foreground_margin = int(foreground_margin)
+        if foreground_margin is not None and per_class:
+            raise ValueError("per_class and foreground_margin cannot be combined.")
+        foreground_margin = _check_margin(foreground_margin)
         size = int(num_classes) if per_class else (1 if foreground_margin is None else 2)
         t = torch.as_tensor(temperature, dtype=torch.float32).flatten().expand(size).clone()
         _check_temperature(t)
@@ -120,14 +137,7 @@ class TemperatureScaled(nn.Module):
         self.temperature.copy_(t)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        logits = self.network(x)
-        t = self.temperature.to(logits.dtype)
-        if self.foreground_margin is not None:
-            near = near_foreground(logits, self.foreground_margin)
-            return logits / torch.where(near, t[1], t[0])
-        for _ in range(logits.dim() - 2):
-            t = t.unsqueeze(-1)
-        return logits / t
+        return apply_temperature(self.network(x), self.temperature, self.foreground_margin)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, error_msgs):
         key = prefix + "temperature"
@@ -185,9 +195,7 @@ class TemperatureFitter:
             raise ValueError(f"mask must be 'all' or 'foreground', got {mask!r}.")
         if foreground_margin is not None and (mask != "all" or per_class):
             raise ValueError("foreground_margin needs mask='all' and per_class=False: it splits all voxels in two.")
-        if foreground_margin is not None and (int(foreground_margin) != foreground_margin or foreground_margin < 0):
-            raise ValueError(f"foreground_margin must be a non-negative integer, got {foreground_margin!r}.")
-        self.foreground_margin = None if foreground_margin is None else int(foreground_margin)
+        self.foreground_margin = _check_margin(foreground_margin)
         self.num_classes, self.per_class, self.mask = int(num_classes), per_class, mask
         self.voxels_per_volume, self.ignore_index, self.max_voxels = (
             int(voxels_per_volume),
