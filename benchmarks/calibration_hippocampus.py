@@ -48,13 +48,12 @@ SCALINGS = {
     "Tfit_near": "two T: near the predicted foreground / elsewhere",
 }
 
-# Transforms of train.json's random list: #1 is the prior transform, #2 the crop, #3 the affine.
+# train.json's named pieces of the prior pipeline (as train_dice_ce.json overrides them)
 NO_PRIOR = {
-    "train#handlers#0": {"_target_": "StatsHandler", "iteration_log": False, "epoch_log": False, "name": "no_prior"},
-    "train#random_transforms#1": {"_target_": "Identityd", "keys": "label"},
-    "train#random_transforms#2#keys": ["image", "label"],
-    "train#random_transforms#3#keys": ["image", "label"],
-    "train#random_transforms#3#mode": ["bilinear", "nearest"],
+    "train#use_prior": False,
+    "train#prior_transform": {"_target_": "Identityd", "keys": "label"},
+    "train#spatial_keys": ["image", "label"],
+    "train#spatial_modes": ["bilinear", "nearest"],
 }
 
 
@@ -125,7 +124,7 @@ def quick_datalist(out: Path) -> Path:
 
 def train(run_dir: Path, method: str, seed: int, args: argparse.Namespace, datalist: Path | None) -> None:
     override = dict(METHODS[method][1])
-    override["initialize#0"] = f"$monai.utils.set_determinism(seed={seed})"
+    override["seed"] = seed
     override["train#trainer#max_epochs"] = args.epochs
     override["val_interval"] = args.val_interval
     if datalist is not None:
@@ -136,6 +135,7 @@ def train(run_dir: Path, method: str, seed: int, args: argparse.Namespace, datal
         "--config_file", str([str(BUNDLE / "configs" / "train.json"), str(run_dir / "override.json")]),
         "--bundle_root", str(BUNDLE), "--dataset_dir", str(args.data_dir),
         "--ckpt_dir", str(run_dir / "models"), "--output_dir", str(run_dir / "tb"),
+        "--resume_dir", str(run_dir / "checkpoints"),
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     with open(run_dir / "train.log", "a") as log:
@@ -375,7 +375,7 @@ def main() -> None:
         print(f"[{i + 1}/{len(runs)}] {run}: {METHODS[method][0]}, seed {seed}, {args.epochs} epochs", flush=True)
         trained = run_dir / "trained.json"
         if not trained.is_file():
-            resumed = any((run_dir / "models").glob("train_checkpoint_*.pt"))
+            resumed = any((run_dir / "checkpoints").glob("train_checkpoint_*.pt"))
             start = time.time()
             train(run_dir, method, seed, args, datalist)
             info = {"train_minutes": (time.time() - start) / 60, "epochs": args.epochs, "threads": args.threads}

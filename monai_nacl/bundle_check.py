@@ -4,7 +4,9 @@ Run ``python -m monai_nacl.bundle_check [BUNDLE ...]`` (default: every ``bundles
 bundle it checks the zoo's file layout, validates ``configs/metadata.json`` against both metadata schemas
 (offline copies from ``../shared/monai_schema``, copied into ``<bundle>/eval/`` at check time), that
 ``ConfigWorkflow.check_properties()`` is empty for train and infer, the ids MONAI Label reads, that
-``models/model.pt`` (when the bundle ships weights) is a plain state_dict loading with ``weights_only=True``, and runs MONAI's
+``models/model.pt`` (when the bundle ships weights) is a plain state_dict loading with ``weights_only=True``, that
+every shipped ``models/*.pt`` holds a temperature fitted for its own weights with a matching
+``*.calibration.json`` record, and runs MONAI's
 ``verify_net_in_out`` and ``ckpt_export``. Exit status 1 when anything fails.
 """
 
@@ -118,6 +120,14 @@ def check_bundle(
                 problems.append("models/model.pt is not a flat state_dict of tensors")
         except Exception as e:
             problems.append(f"models/model.pt does not load with weights_only=True: {e}")
+        from monai_nacl.calibration import check_calibration_record
+
+        # every shipped model carries a temperature fitted for its own weights, and the record that says so
+        for shipped in sorted((bundle / "models").glob("*.pt")):
+            try:
+                problems += [f"calibration: {p}" for p in check_calibration_record(shipped)]
+            except ValueError as e:
+                problems.append(f"calibration: {e}")
     else:
         # bundles that ship configs only (no trained weights yet): export a freshly initialised network instead
         parser = ConfigParser()

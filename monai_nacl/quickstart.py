@@ -46,13 +46,15 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     out = args.out.resolve()
     if out.exists() and not args.resume:
         shutil.rmtree(out / "models", ignore_errors=True)
+        shutil.rmtree(out / "checkpoints", ignore_errors=True)
         shutil.rmtree(out / "eval", ignore_errors=True)
     override = {
         "ckpt_dir": str(out / "models"),
+        "resume_dir": str(out / "checkpoints"),
         "output_dir": str(out / "eval"),
         "dataset_dir": str(out / "data"),
         "train#trainer#max_epochs": args.epochs,
-        "val_interval": max(1, min(5, args.epochs)),  # at least one validation, which writes models/model.pt
+        "val_interval": min(5, args.epochs),
     }
     steps = [("train", ["train.json"]), ("calibrate", ["train.json", "calibrate.json"])]
     steps.append(("evaluate", ["train.json", "evaluate.json"]))

@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
 
 import nibabel as nib
+import numpy as np
 import pytest
 import torch
 from conftest import bundle_workflow, torchrun_bundle
 from ignite.engine import Events
 
 from monai_nacl.bundle_check import all_bundles, check_bundle, default_schema_dir
+from monai_nacl.calibration import check_calibration_record
+from monai_nacl.handlers import PriorFromBatch
 
 ROOT = Path(__file__).resolve().parents[1]
 # bundles that ship trained weights; the configs-only dataset bundles are checked in test_dataset_bundles.py
@@ -30,8 +34,7 @@ def _tiny(tmp_path: Path) -> dict:
         "num_test": 1,
         "val_interval": 1,
         "train#trainer#max_epochs": 1,
-        "train#handlers#4#log_dir": str(tmp_path / "tb"),
-        "validate#handlers#1#log_dir": str(tmp_path / "tb"),
+        "resume_dir": str(tmp_path / "checkpoints"),
     }
 
 
@@ -52,15 +55,23 @@ def test_zoo_checks_pass(bundle):
 
 
 def test_train_evaluate_infer_workflows(tmp_path):
+    from monai_nacl.calibration import check_calibration_record, read_calibration_record
+
     tiny = _tiny(tmp_path)
     train = _workflow(QUICKSTART, ["train.json"], "train", **tiny)
     train.run()
     train.finalize()
-    assert (tmp_path / "models" / "model.pt").is_file()
-    assert (tmp_path / "models" / "train_checkpoint_1.pt").is_file()
+    model = tmp_path / "models" / "model.pt"
+    assert model.is_file()
+    # the best model is written with a temperature fitted for its own weights, and says so
+    assert check_calibration_record(model) == []
+    record = read_calibration_record(model)
+    assert record["epoch"] == 1 and "val_mean_dice" in record["metric"] and record["voxels"] > 0
+    assert torch.load(model, weights_only=True)["temperature"].item() != 1.0
+    # a completed run leaves no resume checkpoint, and none in the model folder
+    assert not list((tmp_path / "checkpoints").glob("*.pt"))
+    assert sorted(p.name for p in (tmp_path / "models").iterdir()) == ["model.calibration.json", "model.pt"]
 
-    tiny.pop("train#handlers#4#log_dir")
-    tiny.pop("validate#handlers#1#log_dir")
     evaluate = _workflow(QUICKSTART, ["train.json", "evaluate.json"], "train", **tiny)
     evaluate.run()
     metrics = evaluate.parser.get_parsed_content("validate#evaluator").state.metrics
@@ -69,10 +80,14 @@ def test_train_evaluate_infer_workflows(tmp_path):
     assert (tmp_path / "eval" / "reliability.png").is_file()
     assert (tmp_path / "eval" / "val_ece_raw.csv").is_file()
 
+    before = torch.load(model, weights_only=True)["temperature"]
     calibrate = _workflow(QUICKSTART, ["train.json", "calibrate.json"], "train", **tiny)
     calibrate.run()
-    state = torch.load(tmp_path / "models" / "model.pt", weights_only=True)
-    assert state["temperature"].item() != 1.0
+    state = torch.load(model, weights_only=True)
+    # the training run already fitted T on the same validation pass: refitting agrees
+    torch.testing.assert_close(state["temperature"], before, rtol=1e-3, atol=0)
+    assert check_calibration_record(model) == []
+    assert read_calibration_record(model)["fitted_by"] == "TemperatureFitHandler"
 
     infer = _workflow(
         QUICKSTART,
@@ -83,6 +98,7 @@ def test_train_evaluate_infer_workflows(tmp_path):
         dataset_dir=str(tmp_path / "data"),
     )
     infer.run()
+    infer.finalize()
     case = "phantom_2000_40x40x40"
     seg = nib.load(tmp_path / "out" / f"{case}_seg.nii.gz")
     prob = nib.load(tmp_path / "out" / f"{case}_prob.nii.gz")
@@ -90,36 +106,171 @@ def test_train_evaluate_infer_workflows(tmp_path):
     src = nib.load(tmp_path / "data" / "imagesTr" / f"{case}.nii.gz")
     assert seg.shape == src.shape and ent.shape == src.shape and prob.shape == (*src.shape, 4)
     assert (abs(seg.affine - src.affine) < 1e-5).all()
+    summary = json.loads((tmp_path / "out" / f"{case}_summary.json").read_text())
+    labels = np.asarray(seg.dataobj)
+    for value, name in enumerate(("core", "shell", "cap"), start=1):
+        s = summary["structures"][name]
+        assert s["voxels"] == int((labels == value).sum())
+        assert s["volume_ml"] == pytest.approx(s["voxels"] / 1000.0)  # 1 mm voxels
+        if s["voxels"]:
+            assert 0.0 <= s["mean_entropy"] <= 1.0 and 0.0 < s["mean_max_probability"] <= 1.0
 
 
-def test_training_killed_mid_epoch_resumes(tmp_path):
-    tiny = {**_tiny(tmp_path), "train#trainer#max_epochs": 2, "val_interval": 5}
+def test_training_killed_mid_epoch_resumes_with_its_best_model_state(tmp_path):
+    from monai_nacl.calibration import read_calibration_record
+
+    tiny = {**_tiny(tmp_path), "train#trainer#max_epochs": 3}
     first = _workflow(QUICKSTART, ["train.json"], "train", **tiny)
     trainer = first.parser.get_parsed_content("train#trainer")
 
     def kill(engine):
-        if engine.state.epoch == 2:
-            raise KeyboardInterrupt("simulated kill in epoch 2")
+        if engine.state.epoch == 3:
+            raise KeyboardInterrupt("simulated kill in epoch 3")
 
     trainer.add_event_handler(Events.ITERATION_COMPLETED, kill)
     with pytest.raises(KeyboardInterrupt):
         first.run()
-    saved = sorted(p.name for p in (tmp_path / "models").glob("train_checkpoint_*.pt"))
-    assert saved == ["train_checkpoint_1.pt"]
-    assert not list((tmp_path / "models").glob("*.tmp"))
+    saved = sorted(p.name for p in (tmp_path / "checkpoints").glob("train_checkpoint_*.pt"))
+    assert saved == ["train_checkpoint_2.pt"]  # older ones pruned
+    assert not list((tmp_path / "checkpoints").glob("*.tmp"))
+    assert not list((tmp_path / "models").glob("train_checkpoint_*"))  # never among the models
+    best = first.parser.get_parsed_content("validate#model_saver").state_dict()
+    assert best["best_metric"] == read_calibration_record(tmp_path / "models" / "model.pt")["metric"]["val_mean_dice"]
 
     second = _workflow(QUICKSTART, ["train.json"], "train", **tiny)
     trainer2 = second.parser.get_parsed_content("train#trainer")
-    assert trainer2.state.epoch == 1  # epoch 1 kept
+    saver2 = second.parser.get_parsed_content("validate#model_saver")
+    resumed = {}
+    trainer2.add_event_handler(
+        Events.EPOCH_STARTED(once=3), lambda e: resumed.update(epoch=e.state.epoch, **saver2.state_dict())
+    )
     second.run()
-    assert trainer2.state.epoch == 2
-    assert (tmp_path / "models" / "train_checkpoint_2.pt").is_file()
+    # continued in epoch 3 with the best metric of the first run: a worse epoch cannot replace its model
+    assert resumed == {"epoch": 3, **best}
+    assert trainer2.state.epoch == 3
+    assert saver2.best_metric >= best["best_metric"]
+    assert not list((tmp_path / "checkpoints").glob("*.pt"))  # complete: removed
+
+
+def test_checkpoint_past_max_epochs_is_an_error(tmp_path):
+    tiny = {**_tiny(tmp_path), "train#trainer#max_epochs": 3}
+    first = _workflow(QUICKSTART, ["train.json"], "train", **tiny)
+
+    def kill(engine):
+        raise KeyboardInterrupt("simulated kill")
+
+    first.parser.get_parsed_content("train#trainer").add_event_handler(Events.EPOCH_STARTED(once=3), kill)
+    with pytest.raises(KeyboardInterrupt):
+        first.run()
+    assert (tmp_path / "checkpoints" / "train_checkpoint_2.pt").is_file()
+    second = _workflow(QUICKSTART, ["train.json"], "train", **{**tiny, "train#trainer#max_epochs": 1})
+    with pytest.raises(RuntimeError) as err:
+        second.run()
+    assert "train_checkpoint_2.pt is at epoch 2, past max_epochs=1" in str(err.value.__cause__)
+
+
+def test_monai_label_style_fine_tune_recalibrates(tmp_path):
+    """What MONAI Label's BundleTrainTask does: data given as train#dataset#data / validate#dataset#data (the
+    bundle's own dataset_dir absent), a CheckpointLoader of model.pt inserted first in train#handlers, a short
+    max_epochs. The fine-tuned model.pt must carry a temperature fitted for its new weights."""
+    from monai.bundle import ConfigWorkflow
+
+    from monai_nacl.calibration import check_calibration_record, read_calibration_record
+    from monai_nacl.data import phantom_datalist
+
+    tiny = _tiny(tmp_path)
+    _workflow(QUICKSTART, ["train.json"], "train", **tiny).run()
+    model = tmp_path / "models" / "model.pt"
+    old = read_calibration_record(model)
+
+    data = phantom_datalist(tmp_path / "label_data", 2, 1, 0)
+    handlers = json.loads((QUICKSTART / "configs" / "train.json").read_text())["train"]["handlers"]
+    loader = {"_target_": "CheckpointLoader", "load_path": str(model), "load_dict": {"model": "@network"}}
+    fine_tune = {
+        "ckpt_dir": str(tmp_path / "models"),
+        "output_dir": str(tmp_path / "eval"),
+        "resume_dir": str(tmp_path / "checkpoints"),
+        "dataset_dir": str(tmp_path / "absent"),
+        "train#dataset#data": data["training"],
+        "validate#dataset#data": data["validation"],
+        "train#handlers": [{**loader, "strict": False}, *handlers],
+        "train#trainer#max_epochs": 1,  # val_interval stays 5: the last epoch validates anyway
+    }
+    wf = ConfigWorkflow(
+        config_file=str(QUICKSTART / "configs" / "train.json"),
+        workflow_type="train",
+        bundle_root=str(QUICKSTART),
+        **fine_tune,
+    )
+    wf.initialize()
+    wf.run()
+    new = read_calibration_record(model)
+    assert new["weights_fingerprint"] != old["weights_fingerprint"] and new["written"] >= old["written"]
+    assert check_calibration_record(model) == []
+
+
+def test_folder_inference_reports_bad_files_and_exits_nonzero(tmp_path):
+    """Good files in every format the readers support are segmented; a NaN image and a truncated file are named
+    in the final error; an empty folder is an error."""
+    import itk
+
+    from monai_nacl.data import image_datalist, phantom_datalist
+
+    tiny = _tiny(tmp_path)
+    _workflow(QUICKSTART, ["train.json"], "train", **tiny).run()
+    src = phantom_datalist(tmp_path / "data", 0, 0, 1)["test"][0]["image"]
+    folder = tmp_path / "imagesTs"
+    folder.mkdir()
+    img = nib.load(src)
+    nib.save(img, folder / "a_plain.nii")
+    shutil.copy(src, folder / "b_gz.nii.gz")
+    itk.imwrite(itk.imread(src), str(folder / "c_nrrd.nrrd"))
+    itk.imwrite(itk.imread(src), str(folder / "d_meta.mha"))
+    data = np.asarray(img.dataobj, dtype=np.float32).copy()
+    data[5, 5, 5] = np.nan
+    nib.save(nib.Nifti1Image(data, img.affine), folder / "e_nan.nii.gz")
+    (folder / "f_truncated.nii.gz").write_bytes(Path(src).read_bytes()[:2000])
+    (folder / "notes.txt").write_text("not an image")
+    assert [Path(d["image"]).name for d in image_datalist(folder)] == [
+        "a_plain.nii",
+        "b_gz.nii.gz",
+        "c_nrrd.nrrd",
+        "d_meta.mha",
+        "e_nan.nii.gz",
+        "f_truncated.nii.gz",
+    ]
+    infer = _workflow(
+        QUICKSTART,
+        ["inference.json"],
+        "infer",
+        input_dir=str(folder),
+        ckpt_dir=str(tmp_path / "models"),
+        output_dir=str(tmp_path / "out"),
+    )
+    infer.run()
+    with pytest.raises(RuntimeError) as err:  # monai.bundle run exits non-zero with this message
+        infer.finalize()
+    message = str(err.value.__cause__)
+    assert "2 of 6 input(s) failed (4 done)" in message
+    assert "e_nan.nii.gz: ValueError: image: 1 of 64000 voxels are NaN" in message
+    assert "f_truncated.nii.gz" in message
+    for name in ("a_plain", "b_gz", "c_nrrd", "d_meta"):
+        assert (tmp_path / "out" / f"{name}_seg.nii.gz").is_file(), name
+    assert not list((tmp_path / "out").glob("e_nan*")) and not list((tmp_path / "out").glob("f_truncated*"))
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ValueError, match="no image .* in .*empty; it is empty"):
+        image_datalist(empty)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        image_datalist(tmp_path / "missing")
 
 
 def test_multi_gpu_config_with_torchrun_on_cpu(tmp_path):
     tiny = {**_tiny(tmp_path), "num_val": 2}  # the validation sampler needs a case per rank
     result = torchrun_bundle(QUICKSTART, ["train.json", "multi_gpu_train.json"], tiny)
-    assert (tmp_path / "models" / "train_checkpoint_1.pt").is_file()
+    assert check_calibration_record(tmp_path / "models" / "model.pt") == []
+    assert not list((tmp_path / "checkpoints").glob("*.pt"))  # complete: removed
     assert "val_ece" in result.stdout + result.stderr
 
 
@@ -183,14 +334,17 @@ def test_hippocampus_train_evaluate_calibrate_infer(tmp_path):
         "dataset_dir": str(HIPPO_DATA),
         "datalist": {"training": full["training"][:2], "validation": full["validation"][:1], "test": full["test"][:1]},
         "ckpt_dir": str(tmp_path / "models"),
+        "resume_dir": str(tmp_path / "checkpoints"),
         "output_dir": str(tmp_path / "eval"),
         "val_interval": 1,
         "train#trainer#max_epochs": 1,
     }
-    for configs in (["train.json"], ["train.json", "train_dice_ce.json"]):
+    for configs, prior in ((["train.json"], True), (["train.json", "train_dice_ce.json"], False)):
         wf = _workflow(HIPPO_BUNDLE, configs, "train", **tiny)
+        handler = next(h for h in wf.parser.get_parsed_content("train#handlers") if isinstance(h, PriorFromBatch))
+        assert handler.enabled is prior
         wf.run()
-        assert (tmp_path / "models" / "model.pt").is_file()
+        assert check_calibration_record(tmp_path / "models" / "model.pt") == []
     _workflow(HIPPO_BUNDLE, ["train.json", "calibrate.json"], "train", **tiny).run()
     fitted = torch.load(tmp_path / "models" / "model.pt", weights_only=True)["temperature"]
     assert fitted.shape == (2,) and not torch.equal(fitted, torch.ones(2))  # near the structures / elsewhere
@@ -229,12 +383,13 @@ def test_hippocampus_multi_gpu_config_with_torchrun_on_cpu(tmp_path):
         "dataset_dir": HIPPO_DATA,
         "datalist#datalist_file": tmp_path / "datalist.json",
         "ckpt_dir": tmp_path / "models",
+        "resume_dir": tmp_path / "checkpoints",
         "output_dir": tmp_path / "eval",
         "val_interval": 1,
         "train#trainer#max_epochs": 1,
     }
     result = torchrun_bundle(HIPPO_BUNDLE, ["train.json", "multi_gpu_train.json"], overrides)
-    assert (tmp_path / "models" / "train_checkpoint_1.pt").is_file()
+    assert check_calibration_record(tmp_path / "models" / "model.pt") == []
     assert "val_ece" in result.stdout + result.stderr
 
 

@@ -4,6 +4,7 @@ evaluate and infer through ConfigWorkflow, zoo-equivalent checks, MONAI Label ke
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 import nibabel as nib
@@ -13,7 +14,9 @@ import torch
 from conftest import bundle_workflow, torchrun_bundle
 
 from monai_nacl.bundle_check import all_bundles, check_bundle, default_schema_dir
+from monai_nacl.calibration import check_calibration_record
 from monai_nacl.data import build_datalist, write_fixture
+from monai_nacl.handlers import TemperatureFitHandler
 
 ROOT = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("make_dataset_bundles", ROOT / "tools" / "make_dataset_bundles.py")
@@ -38,6 +41,7 @@ def _tiny(name: str, tmp_path: Path, data: Path) -> dict:
         "dataset_dir": str(data),
         "ckpt_dir": str(tmp_path / "models"),
         "output_dir": str(tmp_path / "eval"),
+        "resume_dir": str(tmp_path / "checkpoints"),
         "patch_size": SMALL[layout],
         "network_def#network#channels": [4, 8, 8, 16, 16],
         "val_interval": 1,
@@ -64,7 +68,9 @@ def test_multi_gpu_config_with_torchrun_on_cpu(tmp_path):
     data = write_fixture("msd", tmp_path / "data", num_cases=8)
     overrides = {**_tiny(name, tmp_path, data), "datalist#fractions": [0.5, 0.25, 0.25]}  # a validation case per rank
     result = torchrun_bundle(ROOT / "bundles" / name, ["train.json", "multi_gpu_train.json"], overrides)
-    assert (tmp_path / "models" / "train_checkpoint_1.pt").is_file()
+    # rank 0 wrote the best model, calibrated for its own weights; the finished run left no resume checkpoint
+    assert check_calibration_record(tmp_path / "models" / "model.pt") == []
+    assert not list((tmp_path / "checkpoints").glob("*.pt"))
     assert "val_ece" in result.stdout + result.stderr
 
 
@@ -76,8 +82,7 @@ def test_train_calibrate_evaluate_infer_on_layout_fixture(name, tmp_path):
 
     train = _workflow(name, ["train.json"], "train", **tiny)
     train.run()
-    assert (tmp_path / "models" / "model.pt").is_file()
-    assert (tmp_path / "models" / "train_checkpoint_1.pt").is_file()
+    assert check_calibration_record(tmp_path / "models" / "model.pt") == []
 
     _workflow(name, ["train.json", "calibrate.json"], "train", **tiny).run()
     state = torch.load(tmp_path / "models" / "model.pt", weights_only=True)
@@ -88,7 +93,8 @@ def test_train_calibrate_evaluate_infer_on_layout_fixture(name, tmp_path):
     one_t = {**tiny, "temperature_mask": "foreground", "network_def#foreground_margin": None}
     one_t["ckpt_dir"] = str(tmp_path / "one_t")
     fg = _workflow(name, ["train.json", "calibrate.json"], "train", **one_t)
-    fitter = fg.parser.get_parsed_content("validate#handlers")[2].fitter
+    fitter = next(h for h in fg.parser.get_parsed_content("validate#handlers") if isinstance(h, TemperatureFitHandler))
+    fitter = fitter.fitter
     assert fitter.mask == "foreground" and fitter.foreground_margin is None
 
     evaluate = _workflow(name, ["train.json", "evaluate.json"], "train", **tiny)
@@ -103,6 +109,7 @@ def test_train_calibrate_evaluate_infer_on_layout_fixture(name, tmp_path):
     infer_override["dataloader#num_workers"] = 0
     infer = _workflow(name, ["inference.json"], "infer", **infer_override)
     infer.run()
+    infer.finalize()  # raises if any input failed
     test_images = [item["image"] for item in build_datalist(spec["layout"], data)["test"]]
     assert test_images
     first = test_images[0] if isinstance(test_images[0], str) else test_images[0][0]
@@ -121,6 +128,11 @@ def test_train_calibrate_evaluate_infer_on_layout_fixture(name, tmp_path):
     values = set(np.unique(np.asarray(seg.dataobj)).astype(int).tolist())
     allowed = set(spec["label_values"]) if spec.get("regions") else set(range(len(spec["classes"])))
     assert values <= allowed
+    summary = json.loads((tmp_path / "out" / f"{stem}_summary.json").read_text())
+    assert list(summary["structures"]) == spec["classes"][1:]
+    raw = np.asarray(seg.dataobj)
+    for name_, value in zip(spec["classes"][1:], sorted(allowed)[1:]):
+        assert summary["structures"][name_]["voxels"] == int((raw == value).sum())
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import io
+import warnings
 
 import pytest
 import torch
@@ -59,7 +60,7 @@ def test_fit_temperature_composes_with_existing_temperature(rng):
     total = fit_temperature(net, data, num_classes=3)
     assert total.item() == pytest.approx(5.0, rel=0.1)  # 2 already applied, correction ~2.5
     net.set_temperature(total)
-    assert _metrics(net(z * 5), y)["nll"] < _metrics(z * 5 / 2, y)["nll"]
+    assert _metrics(net.eval()(z * 5), y)["nll"] < _metrics(z * 5 / 2, y)["nll"]
 
 
 def test_wrapper_state_dict_torchscript_and_dropout():
@@ -87,8 +88,13 @@ def test_bad_temperatures_and_inputs():
         TemperatureScaled(_Identity(), temperature=0.0)
     with pytest.raises(ValueError, match="num_classes"):
         TemperatureScaled(_Identity(), per_class=True)
-    with pytest.raises(ValueError, match="no voxels"):
+    with pytest.raises(ValueError, match="no voxel to fit on"):
         TemperatureFitter(3).fit()
+    # volumes seen, but none has an eligible voxel: an error, not the bound T_MAX
+    only_background = TemperatureFitter(3, mask="foreground")
+    only_background.update(torch.randn(2, 3, 4, 4, 4), torch.zeros(2, 1, 4, 4, 4))
+    with pytest.raises(ValueError, match="2 volume.*none with an eligible voxel.*foreground"):
+        only_background.fit()
     with pytest.raises(ValueError, match="NaN"):
         TemperatureFitter(3).update(torch.full((1, 3, 2, 2, 2), float("nan")), torch.zeros(1, 1, 2, 2, 2))
 
@@ -144,7 +150,7 @@ def test_two_region_fit_recovers_each_temperature(rng):
     glob.update(z, y)
     assert 1.0 < glob.fit().item() < 2.0
 
-    net = TemperatureScaled(_Identity(), foreground_margin=1)
+    net = TemperatureScaled(_Identity(), foreground_margin=1).eval()
     net.set_temperature(t)
     scaled = net(z)
     torch.testing.assert_close(scaled, torch.where(near, z / t[1], z / t[0]))
@@ -195,3 +201,77 @@ def test_fit_temperature_and_handler_follow_the_network_margin(rng):
     with pytest.raises(ValueError, match="differs from the network"):
         TemperatureFitHandler(net, num_classes=3, foreground_margin=3)
     assert TemperatureFitHandler(net, num_classes=3).fitter.foreground_margin == 1
+
+
+def _small_unet():
+    return UNet(3, 1, 3, channels=(4, 8), strides=(2,), num_res_units=1)
+
+
+def test_temperature_applies_in_eval_mode_only():
+    net = TemperatureScaled(_small_unet(), temperature=2.0)
+    x = torch.randn(1, 1, 8, 8, 8)
+    net.train()
+    torch.testing.assert_close(net(x), net.network(x))  # training optimises the raw logits
+    net.eval()
+    torch.testing.assert_close(net(x), net.network(x) / 2.0)
+
+
+def test_stale_temperature_warns_on_load():
+    from monai_nacl.calibration import StaleTemperatureWarning, weights_fingerprint
+
+    net = TemperatureScaled(_small_unet(), foreground_margin=1)
+    assert int(net.calibrated_for) == 0 and not net.is_calibrated_for_current_weights()
+    net.set_temperature(torch.tensor([0.9, 1.8]))
+    assert int(net.calibrated_for) == weights_fingerprint(net) == weights_fingerprint(net.network)
+    assert net.is_calibrated_for_current_weights()
+    calibrated = {k: v.clone() for k, v in net.state_dict().items()}
+    fresh = TemperatureScaled(_small_unet(), foreground_margin=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fresh.load_state_dict(calibrated)  # the weights the temperature was fitted for: silent
+    assert fresh.is_calibrated_for_current_weights()
+    # fine-tuned weights that kept the old temperature
+    with torch.no_grad():
+        next(net.network.parameters()).add_(0.01)
+    assert not net.is_calibrated_for_current_weights()
+    with pytest.warns(StaleTemperatureWarning, match="fitted for other weights"):
+        fresh.load_state_dict(net.state_dict())
+    # a state_dict saved before fingerprints existed loads, without a verdict
+    legacy = {k: v for k, v in calibrated.items() if k != "calibrated_for"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fresh.load_state_dict(legacy)
+    assert int(fresh.calibrated_for) == 0
+
+
+def test_loaded_temperatures_are_checked():
+    net = TemperatureScaled(_small_unet())
+    state = net.state_dict()
+    for bad, match in ((0.0, "finite and in"), (-1.5, "finite and in"), (float("nan"), "finite and in")):
+        with pytest.raises(RuntimeError, match=match):
+            net.load_state_dict({**state, "temperature": torch.tensor([bad])})
+    with pytest.raises(RuntimeError, match="floating-point"):
+        net.load_state_dict({**state, "temperature": torch.tensor([2])})
+    assert torch.equal(net.temperature, torch.ones(1))
+
+
+def test_bare_network_state_dict_is_named():
+    net = TemperatureScaled(_small_unet())
+    with pytest.raises(RuntimeError, match="state_dict of a bare network.*wrapper.network.load_state_dict"):
+        net.load_state_dict(_small_unet().state_dict())
+    with pytest.raises(ValueError, match="1 or 2 values"):
+        TemperatureScaled(_small_unet(), foreground_margin=1).set_temperature(torch.ones(3))
+
+
+def test_fitter_score_matches_calibration_metric(rng):
+    z, y = _calibrated_toy(rng, n=2)
+    fitter = TemperatureFitter(3, voxels_per_volume=10**6)
+    fitter.update(z * 3, y)
+    zs, ys = fitter.samples()
+    metric = CalibrationMetric(3, mask="all")
+    metric(torch.softmax(zs, 1).T.contiguous()[None], ys[None, None])
+    expected = metric.aggregate("micro")["ece"]
+    assert fitter.score()["ece"] == pytest.approx(expected, abs=1e-4)  # float32 confidences in the metric
+    correction = fitter.fit()
+    assert fitter.score(correction)["nll"] < fitter.score()["nll"]
+    assert fitter.score(correction)["ece"] < fitter.score()["ece"]

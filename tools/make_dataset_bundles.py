@@ -14,7 +14,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 TEMPLATE = ROOT / "bundles" / "hippocampus_mri_nacl_segmentation"
-VERSION = "0.1.0"
+VERSION = "0.2.0"
 
 PAPER = (
     "Murugesan, B., Adiga Vasudeva, S., Liu, B., Lombaert, H., Ben Ayed, I., Dolz, J. 'Neighbor-Aware Calibration "
@@ -260,6 +260,8 @@ def intensity_text(spec: dict) -> str:
 def postprocessing(spec: dict) -> dict:
     """Validation postprocessing: probabilities for calibration, then one-hot (or BraTS regions) for Dice/HD95."""
     steps = [
+        # logits for the temperature fit of the best model (CalibratedModelSaver) and of calibrate.json
+        {"_target_": "CopyItemsd", "keys": "pred", "names": "logits"},
         {"_target_": "Activationsd", "keys": "pred", "softmax": True},
         {"_target_": "CopyItemsd", "keys": ["pred", "label"], "names": ["prob", "label_index"]},
     ]
@@ -290,6 +292,8 @@ def train_config(spec: dict) -> dict:
     cfg = {"imports": ["$import os", "$import ignite", "$import monai_nacl"], **common(spec)}
     cfg.update(
         {
+            # resume checkpoints, apart from models/ (tools such as MONAI Label list every file there as a model)
+            "resume_dir": "$@bundle_root + '/checkpoints'",
             "label_values": spec["label_values"],
             "neighborhood_mm": "$3 * min(@pixdim)",
             "datalist": {
@@ -385,15 +389,19 @@ def train_config(spec: dict) -> dict:
             {"_target_": "monai_nacl.handlers.PriorFromBatch", "loss": "@loss", "key": "prior"},
             {"_target_": "LrScheduleHandler", "lr_scheduler": "@lr_scheduler", "print_lr": True},
             {
-                "_target_": "ValidationHandler",
+                "_target_": "monai_nacl.handlers.IntervalValidationHandler",
                 "validator": "@validate#evaluator",
-                "epoch_level": True,
                 "interval": "@val_interval",
             },
             {
                 "_target_": "monai_nacl.handlers.ResumableCheckpoint",
-                "save_dir": "@ckpt_dir",
-                "save_dict": {"network": "@network", "optimizer": "@optimizer", "lr_scheduler": "@lr_scheduler"},
+                "save_dir": "@resume_dir",
+                "save_dict": {
+                    "network": "@network",
+                    "optimizer": "@optimizer",
+                    "lr_scheduler": "@lr_scheduler",
+                    "model_saver": "@validate#model_saver",
+                },
             },
             {
                 "_target_": "StatsHandler",
@@ -453,16 +461,17 @@ def train_config(spec: dict) -> dict:
             "mask": "foreground",
             "output_transform": from_engine(["prob", "label_index"]),
         },
+        "model_saver": {
+            "_target_": "monai_nacl.handlers.CalibratedModelSaver",
+            "save_dir": "@ckpt_dir",
+            "network": "@network_def",
+            "num_classes": "@num_classes",
+            "output_transform": from_engine(["logits", "label_index"]),
+        },
         "handlers": [
             {"_target_": "StatsHandler", "iteration_log": False},
             {"_target_": "TensorBoardStatsHandler", "log_dir": "@output_dir", "iteration_log": False},
-            {
-                "_target_": "CheckpointSaver",
-                "save_dir": "@ckpt_dir",
-                "save_dict": {"model": "@network"},
-                "save_key_metric": True,
-                "key_metric_filename": "model.pt",
-            },
+            "@validate#model_saver",
         ],
         "key_metric": {"val_mean_dice": {"_target_": "MeanDice", **dice_kwargs}},
         "additional_metrics": {"val": "@validate#calibration"},
@@ -481,7 +490,8 @@ def train_config(spec: dict) -> dict:
     }
     cfg["initialize"] = [
         "$monai.utils.set_determinism(seed=123)",
-        "$monai_nacl.data.check_datalist(@datalist['training'] + @datalist['validation'], @num_classes, "
+        # the data actually used: MONAI Label sets train#dataset#data and validate#dataset#data itself
+        "$monai_nacl.data.check_datalist(@train#dataset#data + @validate#dataset#data, @num_classes, "
         "label_values=@label_values)",
     ]
     cfg["run"] = ["$@train#trainer.run()"]
@@ -539,28 +549,34 @@ def evaluate_config(spec: dict) -> dict:
 
 
 def calibrate_config(spec: dict) -> dict:
-    cfg = json.loads((TEMPLATE / "configs" / "calibrate.json").read_text())
-    # the temperature is fitted on logits: keep a copy before the validation postprocessing's softmax
-    steps = [{"_target_": "CopyItemsd", "keys": "pred", "names": "logits"}] + postprocessing(spec)["transforms"]
-    cfg["validate#postprocessing"] = {"_target_": "Compose", "transforms": steps}
-    return cfg
+    # the validation postprocessing keeps the logits the temperature is fitted on
+    return json.loads((TEMPLATE / "configs" / "calibrate.json").read_text())
 
 
 def inference_config(spec: dict) -> dict:
     cfg = {"imports": ["$import glob", "$import os", "$import monai_nacl"], **common(spec)}
-    cfg["datalist"] = {
-        "_target_": "monai_nacl.data.inference_datalist",
-        "dataset": spec["layout"],
-        "dataset_dir": "@dataset_dir",
+    cfg["displayable_configs"] = {"output_kind": ["segmentation", "probabilities", "entropy"]}
+    # a folder of images (every format the readers know) when given, else the test split of the dataset
+    cfg["input_dir"] = None
+    cfg["datalist"] = (
+        "$monai_nacl.data.image_datalist(@input_dir) if @input_dir else "
+        f"monai_nacl.data.inference_datalist({spec['layout']!r}, @dataset_dir)"
+    )
+    pre = deterministic(spec, keys=("image",))
+    pre.insert(2, {"_target_": "monai_nacl.transforms.EnsureFinited", "keys": "image"})
+    cfg["preprocessing"] = {"_target_": "Compose", "transforms": pre}
+    # a bad file is reported by name and skipped; the failures are collected in this process (num_workers 0)
+    cfg["dataset"] = {
+        "_target_": "monai_nacl.data.InferenceDataset",
+        "data": "@datalist",
+        "transform": "@preprocessing",
     }
-    cfg["preprocessing"] = {"_target_": "Compose", "transforms": deterministic(spec, keys=("image",))}
-    cfg["dataset"] = {"_target_": "Dataset", "data": "@datalist", "transform": "@preprocessing"}
     cfg["dataloader"] = {
         "_target_": "DataLoader",
         "dataset": "@dataset",
         "batch_size": 1,
         "shuffle": False,
-        "num_workers": 2,
+        "num_workers": 0,
     }
     cfg["inferer"] = {"_target_": "SlidingWindowInferer", "roi_size": "@patch_size", "sw_batch_size": 2, "overlap": 0.5}
     post = [
@@ -579,6 +595,18 @@ def inference_config(spec: dict) -> dict:
     ]
     if spec.get("regions"):
         post.append(to_raw_labels(spec, "pred"))
+    post.append(
+        {
+            "_target_": "monai_nacl.transforms.StructureSummaryd",
+            "keys": "pred",
+            "prob_key": "prob",
+            "entropy_key": "entropy",
+            "class_names": "@class_names",
+            # the segmentation holds raw label values where they were mapped back above, class indices otherwise
+            "label_values": spec["label_values"] if spec.get("regions") else None,
+            "output_dir": "@output_dir",
+        }
+    )
     for key, postfix, dtype in (("pred", "seg", "$numpy.uint8"), ("prob", "prob", None), ("entropy", "entropy", None)):
         save = {
             "_target_": "SaveImaged",
@@ -591,6 +619,13 @@ def inference_config(spec: dict) -> dict:
         if dtype:
             save["output_dtype"] = dtype
         post.append(save)
+    post.append(
+        {
+            "_target_": "monai_nacl.transforms.SelectOutputd",
+            "keys": "pred",
+            "output_kind": "@displayable_configs#output_kind",
+        }
+    )
     cfg["postprocessing"] = {"_target_": "Compose", "transforms": post}
     cfg["handlers"] = [
         {"_target_": "CheckpointLoader", "load_path": "$@ckpt_dir + '/model.pt'", "load_dict": {"model": "@network"}},
@@ -608,6 +643,7 @@ def inference_config(spec: dict) -> dict:
     }
     cfg["initialize"] = ["$monai.utils.set_determinism(seed=123)"]
     cfg["run"] = ["$@evaluator.run()"]
+    cfg["finalize"] = ["$@dataset.raise_if_failed()"]
     return cfg
 
 
@@ -622,7 +658,13 @@ def multi_gpu_train() -> dict:
 def metadata(spec: dict) -> dict:
     meta = json.loads((TEMPLATE / "configs" / "metadata.json").read_text())
     meta["version"] = VERSION
-    meta["changelog"] = {VERSION: "first release: configs only, no trained weights yet"}
+    meta["changelog"] = {
+        VERSION: "lifecycle: best model saved with temperatures refitted for its own weights and a calibration "
+        "record; resume checkpoints in checkpoints/; last epoch always validates; MONAI Label training checks the "
+        "data it is given; inference on any folder with bad files reported, per-structure summaries and an "
+        "output_kind option",
+        "0.1.0": "first release: configs only, no trained weights yet",
+    }
     meta["name"] = spec["title"]
     meta["task"] = spec["task"]
     meta["description"] = (
@@ -718,9 +760,13 @@ predicted foreground, one for the rest ([docs/calibration.md](../../../docs/cali
 into `models/model.pt`;
 `evaluate.json` reports Dice, HD95, ECE (top-label, 15 bins, ground-truth foreground voxels, per volume),
 class-wise ECE, ACE, MCE, NLL and Brier on the test split with reliability diagrams and per-case CSVs;
-`inference.json` segments the test split's images (or your `datalist`) and writes, in the original image
-geometry, the segmentation (`_seg`), the class probabilities (`_prob`) and the voxel entropy (`_entropy`).
-Training resumes from `models/train_checkpoint_<epoch>.pt` when interrupted. Check the bundle with
+`inference.json` segments the test split's images (or every image in `--input_dir DIR`) and writes, in the
+original image geometry, the segmentation (`_seg`), the class probabilities (`_prob`), the voxel entropy
+(`_entropy`) and a per-structure summary (`_summary.json`: volume in mL, mean entropy, mean maximum
+probability); a file that cannot be read or holds NaN/Inf voxels is named, skipped, and fails the run at the
+end (non-zero exit). Training saves its best model with temperatures refitted for its own weights and a record
+beside it (`models/model.calibration.json`); an interrupted run resumes from
+`checkpoints/train_checkpoint_<epoch>.pt` (deleted when the run completes). Check the bundle with
 `python -m monai_nacl.bundle_check bundles/{name} --dataset-dir {name}=$DATA`.
 
 ## MONAI Label

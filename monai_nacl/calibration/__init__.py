@@ -1,14 +1,22 @@
 """Post-hoc calibration: temperature scaling as part of the network."""
 
+from monai_nacl.calibration.record import (
+    check_calibration_record,
+    read_calibration_record,
+    record_path,
+    save_calibrated,
+)
 from monai_nacl.calibration.temperature import (
     T_MAX,
     T_MIN,
+    StaleTemperatureWarning,
     TemperatureFitter,
     TemperatureScaled,
     apply_temperature,
     compose_temperature,
     fit_temperature,
     near_foreground,
+    weights_fingerprint,
 )
 
 __all__ = [
@@ -20,4 +28,10 @@ __all__ = [
     "apply_temperature",
     "T_MIN",
     "T_MAX",
+    "StaleTemperatureWarning",
+    "weights_fingerprint",
+    "save_calibrated",
+    "read_calibration_record",
+    "check_calibration_record",
+    "record_path",
 ]

@@ -11,13 +11,18 @@ One global ``T`` is fitted mostly on easy background voxels, which are already w
 corrects the over-confident voxels at the structures (docs/calibration.md). With ``foreground_margin`` there
 are two temperatures: one for voxels within that many voxels of the *predicted* foreground (known at
 inference, no ground truth needed) and one for the rest, each fitted on its own voxels.
+
+A temperature belongs to the weights it was fitted for: :class:`TemperatureScaled` keeps a fingerprint of
+those weights (buffer ``calibrated_for``, set by :meth:`TemperatureScaled.set_temperature`) and warns when a
+state_dict is loaded whose weights differ from the ones its temperature was fitted for.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 
 import torch
 import torch.nn as nn
@@ -34,9 +39,40 @@ __all__ = [
     "fit_temperature",
     "T_MIN",
     "T_MAX",
+    "weights_fingerprint",
+    "StaleTemperatureWarning",
 ]
 
 T_MIN, T_MAX = 0.05, 20.0
+
+
+class StaleTemperatureWarning(UserWarning):
+    """Loaded weights differ from the weights their temperature was fitted for: probabilities are not calibrated."""
+
+
+def weights_fingerprint(weights: nn.Module | Mapping[str, torch.Tensor]) -> int:
+    """A 63-bit fingerprint of a network's weights (names, dtypes, shapes and values), never 0.
+
+    Args:
+        weights: a module, or a state_dict. A :class:`TemperatureScaled` (or its state_dict, recognised by its
+            ``temperature`` entry) is fingerprinted by its inner network only, so the temperature and the
+            fingerprint buffer do not count: a module and its saved state_dict give the same value on any device.
+    """
+    if isinstance(weights, nn.Module):
+        weights = weights.module if hasattr(weights, "module") and isinstance(weights.module, nn.Module) else weights
+        if isinstance(weights, TemperatureScaled):
+            weights = weights.network
+        state = weights.state_dict()
+    else:
+        state = dict(weights)
+        if "temperature" in state:
+            state = {k[len("network.") :]: v for k, v in state.items() if k.startswith("network.")}
+    h = hashlib.blake2b(digest_size=8)
+    for name, value in sorted(state.items()):
+        t = value.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return (int.from_bytes(h.digest(), "little") & ((1 << 63) - 1)) or 1
 
 
 def near_foreground(logits: torch.Tensor, margin: int) -> torch.Tensor:
@@ -88,6 +124,13 @@ class TemperatureScaled(nn.Module):
             background; see :func:`near_foreground`) are divided by ``T[1]``, the others by ``T[0]``. The
             segmentation is unchanged; a stored single ``T`` loads as both values.
 
+    ``T`` applies in evaluation mode only: in training mode ``forward`` returns the raw logits, so a network
+    fine-tuned from calibrated weights trains exactly as one trained from scratch, and the temperature is refitted
+    for the new weights afterwards. The buffer ``calibrated_for`` holds :func:`weights_fingerprint` of the weights
+    ``T`` was last set for (0: never set); loading a state_dict whose weights differ from it warns with
+    :class:`StaleTemperatureWarning`. Loading checks the stored temperatures (finite, within
+    ``[T_MIN, T_MAX]``) and names the problem when the state_dict is that of a bare network.
+
     Raises:
         ValueError: ``per_class`` without ``num_classes`` or together with ``foreground_margin``, a negative
             margin, or a temperature outside ``[T_MIN, T_MAX]``.
@@ -122,6 +165,8 @@ class TemperatureScaled(nn.Module):
         self.network = network
         self.foreground_margin = foreground_margin
         self.register_buffer("temperature", t)
+        self.register_buffer("calibrated_for", torch.zeros((), dtype=torch.int64))
+        self.register_load_state_dict_post_hook(_warn_if_stale)
         if dropout is not None:
             if not 0.0 <= float(dropout) < 1.0:
                 raise ValueError(f"dropout must be in [0, 1), got {dropout}.")
@@ -130,18 +175,46 @@ class TemperatureScaled(nn.Module):
                     m.p = float(dropout)
 
     def set_temperature(self, temperature: float | torch.Tensor) -> None:
-        """Replace ``T`` (same size as the buffer; a single value is broadcast)."""
+        """Replace ``T`` (same size as the buffer; a single value is broadcast) and record that it was set for
+        the current weights (``calibrated_for``)."""
         t = torch.as_tensor(temperature, dtype=self.temperature.dtype, device=self.temperature.device).flatten()
+        if t.numel() not in (1, self.temperature.numel()):
+            raise ValueError(f"temperature must have 1 or {self.temperature.numel()} values, got {t.numel()}.")
         t = t.expand(self.temperature.numel()).clone()
         _check_temperature(t)
         self.temperature.copy_(t)
+        self.calibrated_for.fill_(weights_fingerprint(self.network))
+
+    def is_calibrated_for_current_weights(self) -> bool:
+        """Whether ``T`` was set for exactly the current weights (``False`` if it was never set)."""
+        return int(self.calibrated_for) == weights_fingerprint(self.network)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return apply_temperature(self.network(x), self.temperature, self.foreground_margin)
+        logits = self.network(x)
+        if self.training:
+            return logits
+        return apply_temperature(logits, self.temperature, self.foreground_margin)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, error_msgs):
         key = prefix + "temperature"
         stored = state_dict.get(key)
+        inner = prefix + "network."
+        if stored is None and not any(k.startswith(inner) for k in state_dict) and state_dict:
+            self._load_failed = True
+            error_msgs.append(
+                "the state_dict has no 'temperature' and no 'network.*' keys: it looks like the state_dict of a bare "
+                "network; load it with `wrapper.network.load_state_dict(state)` (then fit or set the temperature), "
+                "or save `wrapper.state_dict()`."
+            )
+            return
+        if prefix + "calibrated_for" not in state_dict:
+            state_dict[prefix + "calibrated_for"] = torch.zeros((), dtype=torch.int64)  # saved before fingerprints
+        if stored is not None:
+            bad = _temperature_problem(stored)
+            if bad:
+                self._load_failed = True
+                error_msgs.append(f"{key}: {bad}")
+                return
         if stored is not None and stored.numel() == 1 and self.temperature.numel() == 2:
             # weights calibrated with one global T (or not at all) load into the two-temperature form
             state_dict[key] = stored.flatten().expand(2).clone()
@@ -154,9 +227,34 @@ class TemperatureScaled(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, unexpected, error_msgs)
 
 
-def _check_temperature(t: torch.Tensor) -> None:
+def _temperature_problem(t: torch.Tensor) -> str | None:
+    if not torch.is_floating_point(t):
+        return f"temperature must be a floating-point tensor, got {t.dtype}."
     if not bool(torch.isfinite(t).all()) or bool((t < T_MIN).any()) or bool((t > T_MAX).any()):
-        raise ValueError(f"temperature must be finite and in [{T_MIN}, {T_MAX}], got {t.tolist()}.")
+        return f"temperature must be finite and in [{T_MIN}, {T_MAX}], got {t.tolist()}."
+    return None
+
+
+def _check_temperature(t: torch.Tensor) -> None:
+    problem = _temperature_problem(t)
+    if problem:
+        raise ValueError(problem)
+
+
+def _warn_if_stale(module: TemperatureScaled, incompatible) -> None:
+    failed, module._load_failed = getattr(module, "_load_failed", False), False
+    fitted_for = int(module.calibrated_for)
+    if failed or fitted_for == 0 or incompatible.missing_keys or incompatible.unexpected_keys:
+        return
+    current = weights_fingerprint(module.network)
+    if current != fitted_for:
+        warnings.warn(
+            f"the loaded temperature {module.temperature.tolist()} was fitted for other weights (fingerprint "
+            f"{fitted_for:016x}, these are {current:016x}): the probabilities are not calibrated; refit the "
+            "temperature (a bundle's calibrate.json) before trusting them.",
+            StaleTemperatureWarning,
+            stacklevel=3,
+        )
 
 
 class TemperatureFitter:
@@ -252,9 +350,35 @@ class TemperatureFitter:
 
     def samples(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The sampled ``(logits N,C, labels N)``."""
-        if not self._logits:
-            raise ValueError("no voxels collected: call update() with volumes that have eligible voxels first.")
+        if not self._logits or self._count == 0:
+            raise ValueError(
+                f"no voxel to fit on: {len(self._logits)} volume(s) seen, none with an eligible voxel (mask="
+                f"{self.mask!r}, ignore_index={self.ignore_index}); nothing can be fitted."
+            )
         return torch.cat(self._logits), torch.cat(self._labels)
+
+    @property
+    def num_voxels(self) -> int:
+        """Voxels in the current sample."""
+        return self._count
+
+    def score(self, correction: torch.Tensor | None = None) -> dict[str, float]:
+        """NLL and top-label ECE (15 bins) of the sampled voxels, as collected or divided by ``correction`` (a
+        result of :meth:`fit`). With ``foreground_margin`` the two regions are sampled equally, so these describe
+        the sample, not a whole volume."""
+        z, y = self.samples()
+        if correction is not None:
+            t = torch.as_tensor(correction, dtype=z.dtype).flatten()
+            if self.foreground_margin is not None:
+                z = z / torch.where(torch.cat(self._regions)[:, None], t[1], t[0])
+            else:
+                z = z / t
+        # rank-local on purpose (CalibrationMetric would sync across processes): the sample lives on one rank
+        conf, pred = torch.softmax(z, 1).max(1)
+        bins = (conf * 15).long().clamp_(0, 14)
+        n = torch.bincount(bins, minlength=15).double()
+        gap = torch.bincount(bins, (pred == y).double(), 15) - torch.bincount(bins, conf.double(), 15)
+        return {"nll": float(F.cross_entropy(z, y)), "ece": float(gap.abs().sum() / n.sum())}
 
     def fit(self, max_iter: int = 100) -> torch.Tensor:
         """Return the fitted temperature (shape ``1``, ``C``, or ``2`` with ``foreground_margin``) within

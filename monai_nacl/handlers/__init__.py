@@ -7,11 +7,15 @@ from monai_nacl.handlers.calibration import (
     atomic_save,
 )
 from monai_nacl.handlers.checkpoint import ResumableCheckpoint, latest_checkpoint
+from monai_nacl.handlers.model_saver import CalibratedModelSaver
 from monai_nacl.handlers.prior import PriorFromBatch
+from monai_nacl.handlers.validation import IntervalValidationHandler
 
 __all__ = [
     "ResumableCheckpoint",
     "latest_checkpoint",
+    "CalibratedModelSaver",
+    "IntervalValidationHandler",
     "PriorFromBatch",
     "CalibrationHandler",
     "ReliabilityDiagramHandler",

@@ -15,6 +15,7 @@ from ignite.engine import Engine, Events
 from ignite.metrics import Metric
 from monai.utils import evenly_divisible_all_gather
 
+from monai_nacl.calibration.record import save_calibrated
 from monai_nacl.calibration.temperature import TemperatureFitter, TemperatureScaled, compose_temperature
 from monai_nacl.metrics.calibration import KEYS, CalibrationMetric
 from monai_nacl.visualize.reliability import plot_reliability
@@ -157,7 +158,8 @@ class TemperatureFitHandler:
         network: the wrapped network (its current ``T`` is taken into account).
         num_classes: number of classes.
         output_transform: maps ``engine.state.output`` to ``(logits, labels)``.
-        save_path: where to write ``network.state_dict()`` (e.g. ``models/model.pt``); ``None`` to skip.
+        save_path: where to write ``network.state_dict()`` (e.g. ``models/model.pt``) with its calibration record
+            beside it (:func:`~monai_nacl.calibration.save_calibrated`); ``None`` to skip.
         **fitter_kwargs: passed to :class:`~monai_nacl.calibration.TemperatureFitter`.
     """
 
@@ -198,10 +200,27 @@ class TemperatureFitHandler:
 
     def _fit(self, engine: Engine) -> None:
         correction = self.fitter.fit()
+        before, after = self.fitter.score(), self.fitter.score(correction)
         total = compose_temperature(self.network.temperature, correction)
         self.network.set_temperature(total)
         self.fitted = total
         engine.state.metrics["temperature"] = total.tolist() if total.numel() > 1 else float(total)
-        logger.info("fitted temperature %s (correction %s)", total.tolist(), correction.tolist())
+        logger.info(
+            "fitted temperature %s (correction %s; sample ECE %.4f -> %.4f)",
+            total.tolist(),
+            correction.tolist(),
+            before["ece"],
+            after["ece"],
+        )
         if self.save_path is not None and _is_rank0():
-            atomic_save(self.network.state_dict(), self.save_path)
+            save_calibrated(
+                self.network.state_dict(),
+                self.save_path,
+                fitted_by="TemperatureFitHandler",
+                foreground_margin=self.network.foreground_margin,
+                mask=self.fitter.mask,
+                voxels=self.fitter.num_voxels,
+                volumes=int(engine.state.iteration),
+                sample_nll={"before": before["nll"], "after": after["nll"]},
+                sample_ece={"before": before["ece"], "after": after["ece"]},
+            )

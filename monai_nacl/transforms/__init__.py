@@ -1,7 +1,19 @@
 """MONAI transforms for NACL training and inference."""
 
+from monai_nacl.transforms.checks import EnsureFinited
 from monai_nacl.transforms.entropy import VoxelEntropy, VoxelEntropyd
+from monai_nacl.transforms.outputs import OUTPUT_KINDS, SelectOutputd, StructureSummaryd
 from monai_nacl.transforms.prior import NeighborPrior, NeighborPriord
 from monai_nacl.transforms.spacing import SafeSpacingd
 
-__all__ = ["NeighborPrior", "NeighborPriord", "SafeSpacingd", "VoxelEntropy", "VoxelEntropyd"]
+__all__ = [
+    "EnsureFinited",
+    "NeighborPrior",
+    "NeighborPriord",
+    "OUTPUT_KINDS",
+    "SafeSpacingd",
+    "SelectOutputd",
+    "StructureSummaryd",
+    "VoxelEntropy",
+    "VoxelEntropyd",
+]

@@ -1,0 +1,138 @@
+"""Calibrated weights on disk: a ``TemperatureScaled`` state_dict plus a provenance record beside it.
+
+``models/model.pt`` holds the weights with their temperature(s) and the fingerprint of the weights the
+temperature was fitted for (buffer ``calibrated_for``); ``models/model.calibration.json`` says how that
+temperature came about (when, on how many voxels, the calibration before and after, the validation metric of
+the weights). :func:`save_calibrated` refuses to write a temperature that was not set for the weights beside
+it, so a ``model.pt`` written through it is always calibrated for its own weights.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from monai.networks.utils import save_state
+
+from monai_nacl.calibration.temperature import weights_fingerprint
+
+__all__ = ["record_path", "save_calibrated", "read_calibration_record", "check_calibration_record"]
+
+
+def record_path(weights_path: str | Path) -> Path:
+    """``models/model.pt`` → ``models/model.calibration.json``."""
+    weights_path = Path(weights_path)
+    return weights_path.with_name(weights_path.stem + ".calibration.json")
+
+
+def _fingerprint_hex(value: int) -> str:
+    return f"{int(value):016x}"
+
+
+def save_calibrated(state: Mapping[str, torch.Tensor], path: str | Path, **provenance: Any) -> dict:
+    """Write a :class:`~monai_nacl.calibration.TemperatureScaled` state_dict to ``path`` (atomically) and its
+    calibration record to :func:`record_path` ``(path)``.
+
+    Args:
+        state: the wrapper's state_dict; its ``calibrated_for`` must be the fingerprint of its own weights.
+        path: destination of the weights, e.g. ``models/model.pt``.
+        provenance: JSON-serialisable facts added to the record (epoch, metrics, voxels used, ECE before/after).
+
+    Returns:
+        The record written.
+
+    Raises:
+        ValueError: ``state`` is not a ``TemperatureScaled`` state_dict, or its temperature was set for other
+            weights (``calibrated_for`` differs from the weights' fingerprint).
+    """
+    if "temperature" not in state or "calibrated_for" not in state:
+        raise ValueError(
+            f"{path}: state must be a monai_nacl.calibration.TemperatureScaled state_dict with 'temperature' and "
+            f"'calibrated_for', got keys {sorted(state)[:5]}..."
+        )
+    fingerprint = weights_fingerprint(state)
+    if int(state["calibrated_for"]) != fingerprint:
+        raise ValueError(
+            f"{path}: the temperature in this state_dict was set for other weights (calibrated_for "
+            f"{_fingerprint_hex(state['calibrated_for'])}, weights {_fingerprint_hex(fingerprint)}); fit it for these "
+            "weights first (TemperatureScaled.set_temperature records the weights it is set for)."
+        )
+    path = Path(path)
+    record = {
+        "weights": path.name,
+        "weights_fingerprint": _fingerprint_hex(fingerprint),
+        "temperature": [float(t) for t in state["temperature"].flatten()],
+        "written": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        **provenance,
+    }
+    text = json.dumps(record, indent=4, default=float)  # fail on unserialisable provenance before writing anything
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_state(dict(state), path)
+    target = record_path(path)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text + "\n")
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return record
+
+
+def read_calibration_record(path: str | Path) -> dict | None:
+    """The record beside the weights at ``path`` (``None`` if there is none).
+
+    Raises:
+        ValueError: the record exists but is not valid JSON (its path is named).
+    """
+    target = record_path(path)
+    if not target.is_file():
+        return None
+    try:
+        return json.loads(target.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{target}: not a valid calibration record: {e}") from e
+
+
+def check_calibration_record(path: str | Path) -> list[str]:
+    """Problems with the calibration of the weights at ``path``; an empty list when the temperature stored in them
+    was fitted for them and the record beside them says so.
+
+    Raises:
+        ValueError: ``path`` cannot be read as a state_dict (the path is named).
+    """
+    path = Path(path)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises several types for truncated or foreign files
+        raise ValueError(f"{path}: cannot be read as weights ({type(e).__name__}: {e})") from e
+    problems = []
+    if not isinstance(state, Mapping) or "temperature" not in state:
+        return [f"{path}: not a TemperatureScaled state_dict (no 'temperature')"]
+    fingerprint = _fingerprint_hex(weights_fingerprint(state))
+    fitted_for = _fingerprint_hex(state.get("calibrated_for", 0))
+    if fitted_for == _fingerprint_hex(0):
+        problems.append(f"{path}: no record of the weights its temperature was fitted for")
+    elif fitted_for != fingerprint:
+        problems.append(f"{path}: temperature fitted for weights {fitted_for}, these are {fingerprint}")
+    record = read_calibration_record(path)
+    if record is None:
+        problems.append(f"{record_path(path)}: missing")
+    else:
+        if record.get("weights_fingerprint") != fingerprint:
+            problems.append(
+                f"{record_path(path)}: written for weights {record.get('weights_fingerprint')}, {path.name} holds "
+                f"{fingerprint}"
+            )
+        stored = [float(t) for t in state["temperature"].flatten()]
+        if record.get("temperature") != stored:
+            problems.append(f"{record_path(path)}: temperature {record.get('temperature')}, weights hold {stored}")
+    return problems

@@ -1,0 +1,156 @@
+"""Keep the best model of a training run, always with temperature(s) fitted for its own weights."""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from pathlib import Path
+
+import ignite.distributed as idist
+import torch
+from ignite.engine import Engine, Events
+from monai.handlers import from_engine
+
+from monai_nacl.calibration.record import save_calibrated
+from monai_nacl.calibration.temperature import (
+    TemperatureFitter,
+    TemperatureScaled,
+    compose_temperature,
+    weights_fingerprint,
+)
+
+__all__ = ["CalibratedModelSaver"]
+
+logger = logging.getLogger(__name__)
+_LOGITS_AND_LABELS = from_engine(["logits", "label_index"])
+
+
+class CalibratedModelSaver:
+    """Save the best network of a training run, by the evaluator's key metric, with its temperature(s) refitted
+    on the validation pass that found it; never write weights whose temperature was fitted for other weights.
+
+    Attach to the validation evaluator of a trainer, in place of MONAI's ``CheckpointSaver(save_key_metric=True)``.
+    During each validation pass it samples voxel logits (as :class:`~monai_nacl.handlers.TemperatureFitHandler`
+    does); when the key metric improves, it fits the temperature correction on them, writes the network's
+    state_dict with the new total temperature to ``save_dir/filename`` and a provenance record beside it
+    (:func:`~monai_nacl.calibration.save_calibrated`). The live network keeps its temperature, so every validation
+    of a run is measured the same way.
+
+    The best value so far is state (``state_dict``/``load_state_dict``): put the saver in the resume checkpoint's
+    ``save_dict`` and a resumed run never replaces a better ``model.pt`` with a worse one.
+
+    Args:
+        save_dir: folder of the model (e.g. the bundle's ``models``).
+        network: the trained :class:`~monai_nacl.calibration.TemperatureScaled` (or a DDP wrapper of it).
+        num_classes: number of classes.
+        output_transform: maps the evaluator's output to ``(logits, labels)``: the network output before softmax
+            (at the network's current temperature) and the class-index labels.
+        filename: model file name.
+        metric_name: metric deciding "best" (default: the evaluator's key metric).
+        higher_is_better: direction of ``metric_name``.
+        **fitter_kwargs: passed to :class:`~monai_nacl.calibration.TemperatureFitter` (``foreground_margin``
+            defaults to the network's).
+
+    Raises:
+        ValueError: ``network`` is not a ``TemperatureScaled``, or ``foreground_margin`` differs from it.
+    """
+
+    def __init__(
+        self,
+        save_dir: str | Path,
+        network: torch.nn.Module,
+        num_classes: int,
+        output_transform: Callable = _LOGITS_AND_LABELS,
+        filename: str = "model.pt",
+        metric_name: str | None = None,
+        higher_is_better: bool = True,
+        **fitter_kwargs,
+    ) -> None:
+        module = network.module if isinstance(getattr(network, "module", None), torch.nn.Module) else network
+        if not isinstance(module, TemperatureScaled):
+            raise ValueError(
+                f"network must be a monai_nacl.calibration.TemperatureScaled, got {type(module).__name__}: only a "
+                "network with a temperature can be saved calibrated."
+            )
+        margin = fitter_kwargs.setdefault("foreground_margin", module.foreground_margin)
+        if margin != module.foreground_margin:
+            raise ValueError(
+                f"foreground_margin={margin} differs from the network's ({module.foreground_margin}): the fitted "
+                "temperatures would be applied to other voxels than they were fitted on."
+            )
+        self.path = Path(save_dir) / filename
+        self.network, self.output_transform = module, output_transform
+        self.metric_name, self.higher_is_better = metric_name, bool(higher_is_better)
+        self.fitter = TemperatureFitter(num_classes, **fitter_kwargs)
+        self.best_metric: float | None = None
+        self.best_epoch = 0
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_STARTED, lambda _: self.fitter.reset())
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._collect)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self._maybe_save)
+
+    def state_dict(self) -> dict:
+        return {"best_metric": self.best_metric, "best_epoch": self.best_epoch}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.best_metric = None if state.get("best_metric") is None else float(state["best_metric"])
+        self.best_epoch = int(state.get("best_epoch", 0))
+
+    def _collect(self, engine: Engine) -> None:
+        logits, labels = self.output_transform(engine.state.output)
+        if isinstance(logits, (list, tuple)):
+            for z, y in zip(logits, labels):
+                self.fitter.update(torch.as_tensor(z)[None], torch.as_tensor(y)[None])
+        else:
+            self.fitter.update(logits, labels)
+
+    def _improved(self, value: float) -> bool:
+        if math.isnan(value):
+            return False
+        if self.best_metric is None:
+            return True
+        return value > self.best_metric if self.higher_is_better else value < self.best_metric
+
+    def _maybe_save(self, engine: Engine) -> None:
+        name = self.metric_name or getattr(engine.state, "key_metric_name", None)
+        if name is None or name not in engine.state.metrics:
+            raise ValueError(
+                f"CalibratedModelSaver: metric {name!r} not in the evaluator's metrics {sorted(engine.state.metrics)}."
+            )
+        value, epoch = float(engine.state.metrics[name]), int(engine.state.epoch)
+        if not self._improved(value):
+            logger.info(
+                "%s %.4f at epoch %d: best stays %s (epoch %d)", name, value, epoch, self.best_metric, self.best_epoch
+            )
+            return
+        self.best_metric, self.best_epoch = value, epoch
+        correction = self.fitter.fit()
+        before, after = self.fitter.score(), self.fitter.score(correction)
+        total = compose_temperature(self.network.temperature, correction)
+        state = {k: v.detach().clone() for k, v in self.network.state_dict().items()}
+        state["temperature"] = total.to(state["temperature"].dtype)
+        state["calibrated_for"] = torch.tensor(weights_fingerprint(state), dtype=torch.int64)
+        provenance = {
+            "fitted_by": "CalibratedModelSaver (best model of a training run)",
+            "epoch": epoch,
+            "metric": {name: value},
+            "foreground_margin": self.network.foreground_margin,
+            "voxels": self.fitter.num_voxels,
+            "sample_nll": {"before": before["nll"], "after": after["nll"]},
+            "sample_ece": {"before": before["ece"], "after": after["ece"]},
+            "validation": {k: float(v) for k, v in engine.state.metrics.items() if isinstance(v, (int, float))},
+        }
+        if idist.get_rank() == 0:
+            save_calibrated(state, self.path, **provenance)
+        logger.info(
+            "new best %s %.4f at epoch %d: wrote %s with temperature %s (sample ECE %.4f -> %.4f)",
+            name,
+            value,
+            epoch,
+            self.path,
+            total.tolist(),
+            before["ece"],
+            after["ece"],
+        )
