@@ -19,15 +19,20 @@ pass per axis instead of one per kernel tap.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from monai_nacl.validation import check_number
+
 __all__ = [
     "KERNELS",
     "PADDINGS",
+    "check_kernel_size",
+    "check_sigma",
     "ensure_kernel_size",
     "kernel_size_from_spacing",
     "sigma_from_spacing",
@@ -43,25 +48,59 @@ _IGNORED = -1
 _EMPTY = -2
 
 
+def check_kernel_size(kernel_size: object) -> int | tuple[int, ...]:
+    """Validate a kernel size without knowing the number of spatial dimensions (e.g. in a constructor).
+
+    Args:
+        kernel_size: one odd positive integer, or a sequence of them (one per spatial axis). Python, NumPy and
+            0-d torch integers are accepted; ``bool`` and floats (even ``3.0``) are not.
+
+    Returns:
+        the size as an ``int``, or a tuple of ``int``.
+
+    Raises:
+        ValueError: naming the value and its type when it is not an integer or a sequence of integers, or an entry
+            is even or < 1.
+    """
+    value = kernel_size
+    if isinstance(value, (torch.Tensor, np.ndarray)) and value.ndim == 0:
+        value = value.item()
+    scalar = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    if scalar:
+        entries = [value]
+    elif isinstance(value, (Sequence, torch.Tensor, np.ndarray)) and not isinstance(value, (str, bytes)):
+        entries = [v.item() if isinstance(v, (torch.Tensor, np.ndarray, np.generic)) else v for v in value]
+    else:
+        entries = None
+    if not entries or any(isinstance(k, bool) or not isinstance(k, numbers.Integral) for k in entries):
+        raise ValueError(
+            f"kernel_size must be an odd positive integer or a sequence of them (one per spatial axis), got "
+            f"{kernel_size!r} ({type(kernel_size).__name__})."
+        )
+    sizes = tuple(int(k) for k in entries)
+    if any(k < 1 or k % 2 == 0 for k in sizes):
+        raise ValueError(f"kernel_size entries must be positive odd integers, got {sizes if not scalar else sizes[0]}.")
+    return sizes[0] if scalar else sizes
+
+
 def ensure_kernel_size(kernel_size: int | Sequence[int], spatial_dims: int) -> tuple[int, ...]:
     """Return a per-axis kernel size, validating that every entry is a positive odd integer.
 
     Args:
-        kernel_size: one size for all axes or one per spatial axis.
+        kernel_size: one size for all axes or one per spatial axis (see :func:`check_kernel_size`).
         spatial_dims: number of spatial dimensions (2 or 3).
 
     Raises:
-        ValueError: when the length does not match ``spatial_dims`` or a size is even or < 1.
+        ValueError: when the length does not match ``spatial_dims``, a size is even or < 1, or the value is not an
+            integer or a sequence of integers (the message names it and its type).
     """
     if spatial_dims not in (1, 2, 3):
         raise ValueError(f"spatial_dims must be 2 or 3 (1 is accepted for profiles), got {spatial_dims}.")
-    sizes = (int(kernel_size),) * spatial_dims if isinstance(kernel_size, (int, np.integer)) else tuple(kernel_size)
+    checked = check_kernel_size(kernel_size)
+    sizes = (checked,) * spatial_dims if isinstance(checked, int) else checked
     if len(sizes) != spatial_dims:
         raise ValueError(f"kernel_size {tuple(sizes)} has {len(sizes)} entries, expected {spatial_dims}.")
-    for k in sizes:
-        if int(k) != k or k < 1 or k % 2 == 0:
-            raise ValueError(f"kernel_size entries must be positive odd integers, got {tuple(sizes)}.")
-    return tuple(int(k) for k in sizes)
+    return sizes
 
 
 def kernel_size_from_spacing(extent_mm: float | Sequence[float], spacing: Sequence[float]) -> tuple[int, ...]:
@@ -99,9 +138,28 @@ def sigma_from_spacing(sigma_mm: float | Sequence[float], spacing: Sequence[floa
     return tuple(s / float(p) for s, p in zip(sig, spacing))
 
 
+def check_sigma(sigma: object, name: str = "sigma") -> float | tuple[float, ...]:
+    """Validate a Gaussian sigma without knowing the number of spatial dimensions (e.g. in a constructor).
+
+    Returns:
+        one positive finite ``float`` or a tuple of them.
+
+    Raises:
+        ValueError: a value that is not a real number (strings and ``bool`` included; the message names the value
+            and its type), not finite, or <= 0.
+    """
+    value = sigma.tolist() if isinstance(sigma, (torch.Tensor, np.ndarray)) else sigma
+    if isinstance(value, Sequence) and not isinstance(value, (str, bytes)):
+        if len(value) == 0:
+            raise ValueError(f"{name} must be a positive number or a sequence of them, got {sigma!r}.")
+        return tuple(check_number(s, name, minimum=0.0, exclusive_minimum=True) for s in value)
+    return check_number(value, name, minimum=0.0, exclusive_minimum=True)
+
+
 def _ensure_sigma(sigma: float | Sequence[float], spatial_dims: int) -> tuple[float, ...]:
-    sig = (float(sigma),) * spatial_dims if np.isscalar(sigma) else tuple(float(s) for s in sigma)
-    if len(sig) != spatial_dims or any(s <= 0 or not math.isfinite(s) for s in sig):
+    checked = check_sigma(sigma)
+    sig = (checked,) * spatial_dims if isinstance(checked, float) else checked
+    if len(sig) != spatial_dims:
         raise ValueError(f"sigma must be positive and finite with {spatial_dims} entries, got {sig}.")
     return sig
 

@@ -89,3 +89,24 @@ def test_bad_labels_raise(loss_cls, data):
         loss_cls(3)(x, y + 1)
     with pytest.raises(ValueError, match="channels"):
         loss_cls(4)(x, y)
+
+
+def test_focal_ignore_index_does_not_change_the_scale(data):
+    """MONAI 1.6.1's focal mean with ignore_index divides by voxels only (C times larger); ours is the same
+    mean over classes and valid voxels with or without an ignore index."""
+    x, y = data
+    plain = FocalLoss(3)(x, y)
+    assert FocalLoss(3, ignore_index=255)(x, y).item() == pytest.approx(plain.item(), rel=1e-6)
+    y = y.clone()
+    y[1] = 255
+    ref = MonaiFocalLoss(to_onehot_y=True, use_softmax=True, gamma=3.0)(x[:1], y[:1])
+    assert FocalLoss(3, ignore_index=255)(x, y).item() == pytest.approx(ref.item(), rel=1e-6)
+
+
+def test_focal_sum_and_weight(data):
+    x, y = data
+    per_elem = MonaiFocalLoss(to_onehot_y=True, use_softmax=True, gamma=2.0, reduction="none")(x, y)
+    assert FocalLoss(3, gamma=2.0, reduction="sum")(x, y).item() == pytest.approx(per_elem.sum().item(), rel=1e-6)
+    w = [0.5, 1.0, 2.0]
+    ref = MonaiFocalLoss(to_onehot_y=True, use_softmax=True, gamma=2.0, weight=w)(x, y)
+    assert FocalLoss(3, gamma=2.0, weight=w)(x, y).item() == pytest.approx(ref.item(), rel=1e-6)

@@ -88,3 +88,22 @@ def test_kernel_size_validation_and_spacing():
         neighbor_prior(torch.zeros(1, 1, 3, 3), 2, kernel="box")
     with pytest.raises(ValueError, match="B,1"):
         neighbor_prior(torch.zeros(1, 2, 3, 3), 2)
+
+
+def test_kernel_size_and_sigma_types():
+    import numpy as np
+
+    from monai_nacl.prior import check_kernel_size, check_sigma
+
+    assert check_kernel_size(np.int64(5)) == 5 and check_kernel_size(torch.tensor([3, 1, 3])) == (3, 1, 3)
+    assert ensure_kernel_size(torch.tensor(3), 2) == (3, 3)
+    for bad in (3.0, True, "3", None, (), (3, 3.0)):
+        with pytest.raises(ValueError, match=r"kernel_size must be an odd positive integer .*\(\w+\)"):
+            check_kernel_size(bad)
+    with pytest.raises(ValueError, match=r"kernel_size .*3\.0 \(float\)"):
+        neighbor_prior(torch.zeros(1, 1, 3, 3), 2, kernel_size=3.0)
+    assert check_sigma(np.float32(1.5)) == 1.5 and check_sigma([1, 2.0]) == (1.0, 2.0)
+    with pytest.raises(ValueError, match=r"sigma must be a real number .*'1' \(str\)"):
+        check_sigma("1")
+    with pytest.raises(ValueError, match="sigma must be finite"):
+        neighbor_prior(torch.zeros(1, 1, 3, 3), 2, kernel="gaussian", sigma=float("nan"))

@@ -28,3 +28,47 @@ def test_check_num_classes_names_the_bad_value(value):
 def test_every_entry_point_rejects_a_bad_class_count(entry):
     with pytest.raises(ValueError, match="num_classes must be an integer >= 2, got 'three'"):
         entry(num_classes="three")
+
+
+def test_check_number_and_check_integer():
+    import torch
+
+    from monai_nacl.validation import check_integer, check_number
+
+    assert check_number(np.float32(0.5), "a") == 0.5 and check_number(torch.tensor(2), "a") == 2.0
+    assert check_integer(np.int16(3), "k") == 3 and check_integer(torch.tensor(3), "k") == 3
+    with pytest.raises(ValueError, match=r"a must be a real number \(int or float\), got 'x' \(str\)"):
+        check_number("x", "a")
+    with pytest.raises(ValueError, match=r"a must be > 0\.0, got 0\.0"):
+        check_number(0, "a", minimum=0.0, exclusive_minimum=True)
+    with pytest.raises(ValueError, match=r"k must be an integer, got 3\.0 \(float\)"):
+        check_integer(3.0, "k")
+    with pytest.raises(ValueError, match=r"k must be an integer, got tensor\(3\.\) \(Tensor\)"):
+        check_integer(torch.tensor(3.0), "k")
+
+
+def test_check_label_values_returns_labels_safe_for_ignore_index():
+    import torch
+
+    from monai_nacl.validation import check_label_values
+
+    lab = torch.tensor([0, 1, 2], dtype=torch.uint8)
+    assert check_label_values(lab, 3, None) is lab
+    assert check_label_values(lab, 3, -1).dtype == torch.int64  # uint8 cannot hold -1: no wrap-around
+    assert check_label_values(lab.bool(), 3, None).dtype == torch.uint8
+    with pytest.raises(ValueError, match=r"non-integer values \[0\.5, 2\.25\] \(first at index \(1,\)\)"):
+        check_label_values(torch.tensor([1.0, 0.5, 2.25]), 3, None)
+
+
+@pytest.mark.parametrize("dtype, ok, bad", [("float32", 5e-4, 2e-3), ("float16", 4e-3, 8e-3), ("bfloat16", 0.0, 0.06)])
+def test_probability_sum_tolerance_follows_the_dtype(dtype, ok, bad):
+    import torch
+
+    from monai_nacl.validation import check_probabilities, probability_error
+
+    # channels on dim 0: sums 1 + ok at one voxel, then 1 + bad
+    p = torch.stack([torch.tensor([0.5 + ok, 0.5]), torch.tensor([0.5, 0.5])], 1).to(getattr(torch, dtype))
+    assert probability_error(p, dim=0) is None
+    p = torch.stack([torch.tensor([0.5 + bad, 0.5]), torch.tensor([0.5, 0.5])], 1).to(getattr(torch, dtype))
+    with pytest.raises(ValueError, match="channel sums in"):
+        check_probabilities(p, dim=0)

@@ -2,7 +2,9 @@
 
 Every loss takes logits ``B,C,*spatial`` and labels ``B,1,*spatial`` / ``B,*spatial`` / one-hot, honours
 ``ignore_index`` (voxels excluded from every term) and averages over valid voxels, so benchmarks compare
-like with like. Where MONAI has the loss (Dice, focal) it is used as is; the rest are a few tensor ops.
+like with like. Where MONAI has the loss (Dice, focal) it is used for the per-voxel values; the rest are a few
+tensor ops. A batch in which no voxel counts (every voxel is ``ignore_index``, or every valid voxel's class has
+weight 0) gives 0 with a zero gradient for that term, as :class:`~monai_nacl.losses.NACLLoss` does.
 """
 
 from __future__ import annotations
@@ -15,14 +17,31 @@ from monai.losses import DiceLoss
 from monai.losses import FocalLoss as _MonaiFocalLoss
 from torch.nn.modules.loss import _Loss
 
-from monai_nacl.prior import _ensure_sigma, ensure_kernel_size, neighbor_prior
-from monai_nacl.validation import as_tensor, check_logits, check_num_classes, labels_from_target
+from monai_nacl.prior import _ensure_sigma, check_kernel_size, check_sigma, ensure_kernel_size, neighbor_prior
+from monai_nacl.validation import (
+    as_tensor,
+    check_class_weight,
+    check_ignore_index,
+    check_logits,
+    check_num_classes,
+    check_number,
+    check_prior,
+    labels_from_target,
+    non_finite_error,
+)
 
 __all__ = ["CrossEntropyLoss", "DiceCELoss", "LabelSmoothingLoss", "FocalLoss", "ECPLoss", "MbLSLoss", "SVLSLoss"]
 
 
 class _SegmentationLoss(_Loss):
-    """Shared target handling: validation, ignore mask and the mean over valid voxels."""
+    """Shared target handling: validation, ignore mask and the mean over valid voxels.
+
+    Raises:
+        ValueError: in the constructor, ``num_classes``, ``ignore_index`` (an integer or ``None``), ``weight``
+            (``C`` finite non-negative values, one > 0) or ``reduction`` invalid; in ``forward``, bad shapes or
+            labels (see :func:`monai_nacl.validation.labels_from_target`) or a non-finite loss, naming the
+            argument responsible.
+    """
 
     def __init__(
         self,
@@ -36,12 +55,8 @@ class _SegmentationLoss(_Loss):
         if reduction not in ("mean", "sum"):
             raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}.")
         self.num_classes = int(num_classes)
-        self.ignore_index = ignore_index
-        if weight is not None:
-            weight = torch.as_tensor(weight, dtype=torch.float32).flatten()
-            if weight.numel() != self.num_classes or bool((weight < 0).any()):
-                raise ValueError(f"weight must hold {self.num_classes} non-negative values, got {weight.tolist()}.")
-        self.register_buffer("class_weight", weight)
+        self.ignore_index = check_ignore_index(ignore_index)
+        self.register_buffer("class_weight", check_class_weight(weight, self.num_classes))
 
     def _prepare(self, input: torch.Tensor, target: torch.Tensor):
         """Return plain logits, the original labels, an int64 index (0 where ignored) and the valid mask."""
@@ -57,10 +72,23 @@ class _SegmentationLoss(_Loss):
     def _cross_entropy(
         self, input: torch.Tensor, index: torch.Tensor, valid: torch.Tensor | None, **kw
     ) -> torch.Tensor:
-        """Weighted CE with torch's conventions (mean = sum w_i CE_i / sum w_i over valid voxels)."""
+        """Weighted CE with torch's conventions (mean = sum w_i CE_i / sum w_i over valid voxels).
+
+        torch's mean is 0/0 = NaN when that denominator is 0 (no valid voxel, or only zero-weight classes); here
+        the sum is divided by the denominator where it is positive and the term is 0 otherwise (zero gradient).
+        """
         target = index[:, 0] if valid is None else torch.where(valid[:, 0], index[:, 0], -100)
         w = None if self.class_weight is None else self.class_weight.to(input.device, input.dtype)
-        return F.cross_entropy(input, target, weight=w, ignore_index=-100, reduction=self.reduction, **kw)
+        total = F.cross_entropy(input, target, weight=w, ignore_index=-100, reduction="sum", **kw)
+        if self.reduction == "sum":
+            return total
+        if w is None:
+            denom = total.new_tensor(float(target.numel())) if valid is None else valid.sum().to(total.dtype)
+        else:
+            denom = w[index] if valid is None else w[index] * valid
+            denom = denom.sum()
+        positive = denom > 0
+        return torch.where(positive, total / torch.where(positive, denom, 1.0), 0.0)
 
     def _reduce_voxels(self, per_voxel: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
         """Mean (or sum) of a ``B,1,*spatial`` map over valid voxels."""
@@ -72,9 +100,10 @@ class _SegmentationLoss(_Loss):
         total = per_voxel.sum()
         return total / n if self.reduction == "mean" else total
 
-    def _checked(self, loss: torch.Tensor) -> torch.Tensor:
+    def _checked(self, loss: torch.Tensor, input: torch.Tensor, **others: object) -> torch.Tensor:
+        """``loss`` if finite; else the error naming the non-finite argument (logits, prior, weight...)."""
         if not bool(torch.isfinite(loss)):
-            raise ValueError(f"{type(self).__name__} got non-finite logits (NaN or Inf): the loss is not finite.")
+            raise non_finite_error(type(self).__name__, input, weight=self.class_weight, **others)
         return loss
 
 
@@ -88,7 +117,7 @@ class CrossEntropyLoss(_SegmentationLoss):
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         input, _, index, valid = self._prepare(input, target)
-        return self._checked(self._cross_entropy(input, index, valid))
+        return self._checked(self._cross_entropy(input, index, valid), input)
 
 
 class LabelSmoothingLoss(_SegmentationLoss):
@@ -104,13 +133,11 @@ class LabelSmoothingLoss(_SegmentationLoss):
         self, num_classes: int, epsilon: float = 0.1, ignore_index: int | None = None, weight=None, reduction="mean"
     ):
         super().__init__(num_classes, ignore_index, weight, reduction)
-        if not 0.0 <= epsilon < 1.0:
-            raise ValueError(f"epsilon must be in [0, 1), got {epsilon}.")
-        self.epsilon = float(epsilon)
+        self.epsilon = check_number(epsilon, "epsilon", minimum=0.0, maximum=1.0, exclusive_maximum=True)
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         input, _, index, valid = self._prepare(input, target)
-        return self._checked(self._cross_entropy(input, index, valid, label_smoothing=self.epsilon))
+        return self._checked(self._cross_entropy(input, index, valid, label_smoothing=self.epsilon), input)
 
 
 class DiceCELoss(_SegmentationLoss):
@@ -129,40 +156,53 @@ class DiceCELoss(_SegmentationLoss):
         reduction: str = "mean",
     ) -> None:
         super().__init__(num_classes, ignore_index, weight, reduction)
-        self.lambda_dice, self.lambda_ce = float(lambda_dice), float(lambda_ce)
+        self.lambda_dice = check_number(lambda_dice, "lambda_dice", minimum=0.0)
+        self.lambda_ce = check_number(lambda_ce, "lambda_ce", minimum=0.0)
         self.dice = DiceLoss(
-            to_onehot_y=True, softmax=True, soft_label=True, ignore_index=ignore_index, reduction=reduction
+            to_onehot_y=True, softmax=True, soft_label=True, ignore_index=self.ignore_index, reduction=reduction
         )
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         input, labels, index, valid = self._prepare(input, target)
         ce = self._cross_entropy(input, index, valid)
-        return self._checked(self.lambda_dice * self.dice(input, labels) + self.lambda_ce * ce)
+        return self._checked(self.lambda_dice * self.dice(input, labels) + self.lambda_ce * ce, input)
 
 
 class FocalLoss(_SegmentationLoss):
     """MONAI's softmax focal loss (Lin et al. 2017) with label conventions of this package.
 
-    The mean runs over classes and voxels as in ``monai.losses.FocalLoss``.
+    The per-voxel, per-class values are MONAI's (``monai.losses.FocalLoss(use_softmax=True)``, class weights
+    included); the reduction is done here: ``"mean"`` over classes and valid voxels (as MONAI's mean without an
+    ignore index), ``"sum"`` over classes and valid voxels. (MONAI 1.6.1 with ``ignore_index`` set divides by the
+    voxel count only, i.e. returns ``C`` times its value without it, and its ``"sum"`` sums per-image means.)
+
+    Args:
+        num_classes: number of classes.
+        gamma: focusing parameter (finite, >= 0).
+        ignore_index, weight, reduction: as :class:`CrossEntropyLoss` (``weight`` scales each class channel).
     """
 
     def __init__(
         self, num_classes: int, gamma: float = 3.0, ignore_index: int | None = None, weight=None, reduction="mean"
     ):
-        super().__init__(num_classes, ignore_index, None, reduction)
-        self.gamma = float(gamma)
+        super().__init__(num_classes, ignore_index, weight, reduction)
+        self.gamma = check_number(gamma, "gamma", minimum=0.0)
         self.focal = _MonaiFocalLoss(
             to_onehot_y=True,
             use_softmax=True,
-            gamma=gamma,
-            weight=weight,
-            ignore_index=ignore_index,
-            reduction=reduction,
+            gamma=self.gamma,
+            weight=None if self.class_weight is None else self.class_weight.tolist(),
+            ignore_index=self.ignore_index,
+            reduction="none",
         )
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        input, labels, _, _ = self._prepare(input, target)
-        return self._checked(self.focal(input, labels))
+        input, labels, _, valid = self._prepare(input, target)
+        per_voxel = self.focal(input, labels).sum(1, keepdim=True)  # B,1,*spatial; 0 at ignored voxels
+        loss = self._reduce_voxels(per_voxel, valid)
+        if self.reduction == "mean":
+            loss = loss / self.num_classes
+        return self._checked(loss, input)
 
 
 class ECPLoss(_SegmentationLoss):
@@ -172,13 +212,14 @@ class ECPLoss(_SegmentationLoss):
         self, num_classes: int, beta: float = 0.1, ignore_index: int | None = None, weight=None, reduction="mean"
     ):
         super().__init__(num_classes, ignore_index, weight, reduction)
-        self.beta = float(beta)
+        self.beta = check_number(beta, "beta", minimum=0.0)
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         input, _, index, valid = self._prepare(input, target)
         logp = F.log_softmax(input, dim=1)
         entropy = -(logp.exp() * logp).sum(1, keepdim=True)
-        return self._checked(self._cross_entropy(input, index, valid) - self.beta * self._reduce_voxels(entropy, valid))
+        loss = self._cross_entropy(input, index, valid) - self.beta * self._reduce_voxels(entropy, valid)
+        return self._checked(loss, input)
 
 
 class MbLSLoss(_SegmentationLoss):
@@ -198,7 +239,8 @@ class MbLSLoss(_SegmentationLoss):
         reduction="mean",
     ) -> None:
         super().__init__(num_classes, ignore_index, weight, reduction)
-        self.margin, self.lambda_margin = float(margin), float(lambda_margin)
+        self.margin = check_number(margin, "margin", minimum=0.0)
+        self.lambda_margin = check_number(lambda_margin, "lambda_margin", minimum=0.0)
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         input, _, index, valid = self._prepare(input, target)
@@ -206,7 +248,7 @@ class MbLSLoss(_SegmentationLoss):
         penalty = self._reduce_voxels(gap.sum(1, keepdim=True), valid)
         if self.reduction == "mean":
             penalty = penalty / self.num_classes
-        return self._checked(self._cross_entropy(input, index, valid) + self.lambda_margin * penalty)
+        return self._checked(self._cross_entropy(input, index, valid) + self.lambda_margin * penalty, input)
 
 
 class SVLSLoss(_SegmentationLoss):
@@ -231,15 +273,25 @@ class SVLSLoss(_SegmentationLoss):
         reduction: str = "mean",
     ) -> None:
         super().__init__(num_classes, ignore_index, None, reduction)
-        self.kernel_size, self.sigma = kernel_size, sigma
+        self.kernel_size, self.sigma = check_kernel_size(kernel_size), check_sigma(sigma)
 
     def forward(self, input: torch.Tensor, target: torch.Tensor, prior: torch.Tensor | None = None) -> torch.Tensor:
+        """
+        Args:
+            input: logits ``B,C,*spatial`` (2D or 3D).
+            target: labels ``B,1,*spatial`` / ``B,*spatial`` or a hard one-hot ``B,C,*spatial``.
+            prior: optional precomputed SVLS prior ``B,C,*spatial`` with values in ``[0, 1]``.
+
+        Raises:
+            ValueError: as the other losses; a prior of the wrong shape, with NaN/Inf or values outside ``[0, 1]``;
+                a ``kernel_size`` or ``sigma`` with a different number of entries than the input's spatial dims.
+        """
         input, labels, _, valid = self._prepare(input, target)
         if prior is None:
             dims = input.ndim - 2
             sizes, sigma = ensure_kernel_size(self.kernel_size, dims), _ensure_sigma(self.sigma, dims)
             prior = neighbor_prior(labels, self.num_classes, "gaussian", sizes, sigma, "replicate", self.ignore_index)
-        elif tuple(prior.shape) != tuple(input.shape):
-            raise ValueError(f"prior shape {tuple(prior.shape)} does not match input shape {tuple(input.shape)}.")
-        soft_ce = -(as_tensor(prior).to(input) * F.log_softmax(input, dim=1)).sum(1, keepdim=True)
-        return self._checked(self._reduce_voxels(soft_ce, valid))
+        else:
+            prior = check_prior(prior, input)
+        soft_ce = -(prior.to(input) * F.log_softmax(input, dim=1)).sum(1, keepdim=True)
+        return self._checked(self._reduce_voxels(soft_ce, valid), input, prior=prior)

@@ -10,8 +10,18 @@ from monai.losses import DiceLoss
 from torch.nn.modules.loss import _Loss
 
 from monai_nacl.losses.fused import fused_ce_penalty
-from monai_nacl.prior import KERNELS, PADDINGS, _ensure_sigma, ensure_kernel_size, neighbor_prior
-from monai_nacl.validation import as_tensor, check_logits, check_num_classes, labels_from_target
+from monai_nacl.prior import KERNELS, PADDINGS, _ensure_sigma, check_sigma, ensure_kernel_size, neighbor_prior
+from monai_nacl.validation import (
+    as_tensor,
+    check_class_weight,
+    check_ignore_index,
+    check_logits,
+    check_num_classes,
+    check_number,
+    check_prior,
+    labels_from_target,
+    non_finite_error,
+)
 
 __all__ = ["NACLLoss"]
 
@@ -41,7 +51,7 @@ class NACLLoss(_Loss):
         sigma: Gaussian sigma in voxels, used by ``kernel="gaussian"``.
         distance: ``"l1"`` or ``"l2"``.
         penalty_on: ``"logits"`` (paper) or ``"softmax"``.
-        alpha: penalty weight λ.
+        alpha: penalty weight λ (a finite real number >= 0; ints, floats, NumPy scalars).
         padding: ``"replicate"``, ``"zeros"`` (as MONAI) or ``"background"`` (as the authors' 2D code).
         ignore_index: label excluded from both terms and from every neighbourhood.
         weight: per-class weights of the CE term (length ``C``).
@@ -51,7 +61,10 @@ class NACLLoss(_Loss):
         lambda_dice: weight of the Dice term for ``base="dice_ce"``.
 
     Raises:
-        ValueError: invalid option values here; bad shapes, label values, priors or non-finite logits in ``forward``.
+        ValueError: invalid option values here, each naming the option, the value and (for a wrong type) its type:
+            unknown strings, ``kernel_size`` not odd positive integers (``3.0`` and ``True`` included), ``alpha``,
+            ``sigma`` or ``lambda_dice`` not finite real numbers (or negative), ``ignore_index`` not an integer,
+            ``weight`` not ``C`` finite non-negative values with one > 0. In ``forward``: see :meth:`forward`.
 
     Example:
         >>> loss_fn = NACLLoss(num_classes=3)
@@ -98,34 +111,26 @@ class NACLLoss(_Loss):
             raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}.")
         if reduction == "none" and base != "ce":
             raise ValueError("reduction='none' gives a per-voxel map and needs base='ce' (Dice is not per voxel).")
-        if alpha < 0:
-            raise ValueError(f"alpha must be >= 0, got {alpha}.")
         self.num_classes = int(num_classes)
         self.spatial_dims = spatial_dims
         self.kernel = kernel
         self.kernel_size = ensure_kernel_size(kernel_size, spatial_dims)
-        self.sigma = _ensure_sigma(sigma, spatial_dims)
+        self.sigma = _ensure_sigma(check_sigma(sigma), spatial_dims)
         self.distance = distance
         self.penalty_on = penalty_on
-        self.alpha = float(alpha)
+        self.alpha = check_number(alpha, "alpha", minimum=0.0)
         self.padding = padding
-        self.ignore_index = ignore_index
+        self.ignore_index = check_ignore_index(ignore_index)
         self.base = base
-        self.lambda_dice = float(lambda_dice)
-        if weight is not None:
-            weight = torch.as_tensor(weight, dtype=torch.float32).flatten()
-            if weight.numel() != self.num_classes or not bool(torch.isfinite(weight).all()) or bool((weight < 0).any()):
-                raise ValueError(
-                    f"weight must hold {self.num_classes} finite non-negative values, got {weight.tolist()}."
-                )
-        self.register_buffer("class_weight", weight)
+        self.lambda_dice = check_number(lambda_dice, "lambda_dice", minimum=0.0)
+        self.register_buffer("class_weight", check_class_weight(weight, self.num_classes))
         self.dice = (
             DiceLoss(
                 include_background=True,
                 to_onehot_y=True,
                 softmax=True,
                 soft_label=True,
-                ignore_index=ignore_index,
+                ignore_index=self.ignore_index,
                 reduction=reduction,
             )
             if base == "dice_ce"
@@ -135,11 +140,18 @@ class NACLLoss(_Loss):
         self._next_prior: torch.Tensor | None = None
 
     def use_prior_once(self, prior: torch.Tensor) -> None:
-        """Make the next ``forward`` call without an explicit ``prior`` use this one (then forget it).
+        """Make the next ``forward`` call use this prior, then forget it.
 
-        For training engines that call ``loss(pred, label)`` only, e.g. MONAI's ``SupervisedTrainer``: see
-        :class:`monai_nacl.handlers.PriorFromBatch`.
+        The next call takes it whatever happens: it is cleared when that call starts, so a call that raises
+        (bad labels, a mismatched prior...) or that passes its own ``prior`` (which wins) does not leave it for a
+        later batch. For training engines that call ``loss(pred, label)`` only, e.g. MONAI's ``SupervisedTrainer``:
+        see :class:`monai_nacl.handlers.PriorFromBatch`.
+
+        Raises:
+            ValueError: ``prior`` is not a tensor.
         """
+        if not isinstance(prior, torch.Tensor):
+            raise ValueError(f"prior must be a torch.Tensor, got {type(prior).__name__}.")
         self._next_prior = prior
 
     def prior(self, labels: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -161,22 +173,20 @@ class NACLLoss(_Loss):
             ``base``, ``ce``, ``penalty`` (unweighted) and, for ``base="dice_ce"``, ``dice`` of this call.
 
         Raises:
-            ValueError: wrong channel count or spatial dims, target/prior shape mismatch, label values outside
-                ``[0, C)`` other than ``ignore_index``, or non-finite logits.
+            ValueError: wrong channel count or spatial dims; target/prior shape mismatch; label values that are not
+                whole numbers or are outside ``[0, C)`` other than ``ignore_index``; a one-hot target that is not a
+                hard one-hot; a prior with NaN/Inf or values outside ``[0, 1]``; a non-finite loss, naming the
+                argument responsible (logits, ``alpha``, ``weight``).
+
+        A batch in which no voxel counts (every voxel is ``ignore_index``) gives a loss of 0 with a zero gradient.
         """
+        pending, self._next_prior = self._next_prior, None  # one call only, even if this call raises
+        if prior is None:
+            prior = pending
         input = as_tensor(input)
         check_logits(input, self.num_classes, self.spatial_dims)
         labels = labels_from_target(target, input, self.num_classes, self.ignore_index)
-        if prior is None and self._next_prior is not None:
-            prior, self._next_prior = self._next_prior, None
-        if prior is None:
-            tau = self.prior(labels)
-        else:
-            tau = as_tensor(prior)
-            if tuple(tau.shape) != tuple(input.shape):
-                raise ValueError(
-                    f"prior shape {tuple(tau.shape)} does not match input shape {tuple(input.shape)} (expected B,C,*spatial)."
-                )
+        tau = self.prior(labels) if prior is None else check_prior(prior, input)
         tau = tau.to(input.device)
 
         valid = None
@@ -207,8 +217,6 @@ class NACLLoss(_Loss):
         total, ce, penalty = fused_ce_penalty(
             input, index, tau, ce_weight, valid, pen_scale, self.alpha, self.distance, self.penalty_on == "softmax"
         )
-        if not bool(torch.isfinite(total)):
-            raise ValueError("NACLLoss got non-finite logits (NaN or Inf): the loss is not finite.")
         base = ce
         components = {"ce": ce}
         if self.dice is not None:
@@ -216,6 +224,8 @@ class NACLLoss(_Loss):
             total = total + self.lambda_dice * dice
             components["dice"] = dice.detach()
             base = ce + self.lambda_dice * components["dice"]
+        if not bool(torch.isfinite(total)):  # the only host sync of the happy path
+            raise self._non_finite(input, tau)
         components["base"] = base
         components["penalty"] = penalty
         self.last_components = components
@@ -238,6 +248,17 @@ class NACLLoss(_Loss):
         if valid is not None:
             out = out * valid
         if not bool(torch.isfinite(out).all()):
-            raise ValueError("NACLLoss got non-finite logits (NaN or Inf): the loss is not finite.")
+            raise self._non_finite(input, tau)
         self.last_components = {"ce": ce.detach(), "base": ce.detach(), "penalty": pen.detach()}
         return out
+
+    def _non_finite(self, input: torch.Tensor, tau: torch.Tensor) -> ValueError:
+        """The error for a non-finite loss, naming the first non-finite argument (only on the error path)."""
+        return non_finite_error(
+            type(self).__name__,
+            input,
+            prior=tau,
+            alpha=self.alpha,
+            weight=self.class_weight,
+            lambda_dice=self.lambda_dice if self.dice is not None else None,
+        )

@@ -27,7 +27,16 @@ from collections.abc import Sequence
 import torch
 import torch.distributed as dist
 
-from monai_nacl.validation import as_tensor, check_num_classes, labels_from_target
+from monai_nacl.validation import (
+    as_tensor,
+    check_ignore_index,
+    check_integer,
+    check_num_classes,
+    check_probabilities,
+    labels_from_target,
+    probability_error,
+    probability_tolerance,
+)
 
 __all__ = ["CalibrationMetric", "BinStatistics", "calibration_errors"]
 
@@ -114,6 +123,10 @@ class CalibrationMetric:
         per_volume: keep each volume's metric values (a few floats per volume) for :meth:`get_per_volume`
             (per-case CSVs). The histograms themselves are never kept per volume.
 
+    Raises:
+        ValueError: ``num_classes`` or ``num_bins`` not an integer (``num_bins=True`` and ``15.5`` included),
+            ``mask`` unknown, ``ignore_index`` not an integer or ``None``.
+
     Example:
         >>> metric = CalibrationMetric(num_classes=3, mask="foreground")
         >>> probs = torch.softmax(torch.randn(2, 3, 8, 8, 8), 1)
@@ -131,12 +144,11 @@ class CalibrationMetric:
         per_volume: bool = False,
     ) -> None:
         num_classes = check_num_classes(num_classes)
-        if int(num_bins) != num_bins or num_bins < 1:
-            raise ValueError(f"num_bins must be a positive integer, got {num_bins}.")
+        num_bins = check_integer(num_bins, "num_bins", minimum=1)
         if mask not in ("all", "foreground"):
             raise ValueError(f"mask must be 'all' or 'foreground', got {mask!r}.")
-        self.num_classes, self.num_bins, self.mask = int(num_classes), int(num_bins), mask
-        self.ignore_index, self.per_volume = ignore_index, per_volume
+        self.num_classes, self.num_bins, self.mask = int(num_classes), num_bins, mask
+        self.ignore_index, self.per_volume = check_ignore_index(ignore_index), per_volume
         self._buffers_key: tuple | None = None
         self.reset()
 
@@ -166,15 +178,28 @@ class CalibrationMetric:
     def update(self, y_pred: torch.Tensor, y: torch.Tensor) -> BinStatistics:
         """Add a batch of volumes and return its per-volume statistics.
 
+        Args:
+            y_pred: probabilities ``B,C,*spatial`` (softmax over channels; a tensor that requires grad is detached).
+            y: labels ``B,1,*spatial`` / ``B,*spatial`` (whole-number values) or a hard one-hot ``B,C,*spatial``.
+
+        Returns:
+            the batch's per-volume statistics.
+
         Raises:
-            ValueError: wrong channel count or shapes, labels outside ``[0, C)`` other than ``ignore_index``,
-                probabilities outside ``[0, 1]`` or non-finite.
+            ValueError: wrong channel count or shapes; labels that are not whole numbers (``1.9`` is never floored)
+                or are outside ``[0, C)`` other than ``ignore_index``; a one-hot ``y`` that is not a hard one-hot;
+                ``y_pred`` that is not probabilities over the channel axis: NaN/Inf, values outside ``[0, 1]``
+                (logits), or channel sums not 1 (sigmoid outputs; see
+                :func:`monai_nacl.validation.probability_error` for the tolerance). The message gives the range.
         """
         p = as_tensor(y_pred)
         if not isinstance(p, torch.Tensor) or p.ndim < 3 or not p.is_floating_point():
             raise ValueError(f"y_pred must be floating probabilities B,C,*spatial, got {getattr(p, 'shape', type(p))}.")
+        p = p.detach()
         if p.shape[1] != self.num_classes:
             raise ValueError(f"y_pred has {p.shape[1]} channels (shape {tuple(p.shape)}), expected {self.num_classes}.")
+        if p.numel() == 0:
+            raise ValueError(f"y_pred is empty (shape {tuple(p.shape)}).")
         labels = labels_from_target(as_tensor(y).to(p.device), p, self.num_classes, self.ignore_index)
         stats = self._statistics(p, labels)
         self._accumulate(stats)
@@ -191,6 +216,7 @@ class CalibrationMetric:
         if self.mask == "foreground":
             fg = labels != 0
             valid = fg if valid is None else valid & fg
+        atol = probability_tolerance(p.dtype)  # the caller's dtype, before the float32 cast (float16: 5e-3)
         if not p.dtype == torch.float64:
             p = p.float()
         p3 = p.reshape(n_vol, c, -1)
@@ -222,9 +248,9 @@ class CalibrationMetric:
             pc, lab = p3[:, :, s0 : s0 + k], lab3[:, :, s0 : s0 + k]
             fb, ib = fbuf[..., :k], ibuf[..., :k]
 
-            lo, hi = torch.aminmax(pc)
-            if not (lo >= 0 and hi <= 1):  # False for NaN too
-                raise ValueError(f"y_pred must hold probabilities in [0, 1], found values in [{lo}, {hi}].")
+            if probability_error(pc, 1, atol=atol) is not None:
+                check_probabilities(p, 1, atol=atol)  # the whole batch, for the full range in the message
+                raise ValueError(probability_error(pc, 1, atol=atol))
             conf = pc.amax(1, keepdim=True)
             p_y = pc.gather(1, lab)
             # Top-label accuracy is [argmax = y]; argmax is slow on CPU and p_y == max agrees with it except at

@@ -9,6 +9,8 @@ from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import MapTransform, Transform
 
+from monai_nacl.validation import as_tensor, check_probabilities
+
 __all__ = ["VoxelEntropy", "VoxelEntropyd"]
 
 
@@ -17,15 +19,37 @@ class VoxelEntropy(Transform):
 
     Args:
         normalize: divide by ``log C`` so that the entropy lies in ``[0, 1]``.
+
+    Raises:
+        ValueError: (when called) not ``C,*spatial`` with ``C >= 2`` and at most 3 spatial dims (a batch axis is
+            an error), or not probabilities over the channel axis: NaN/Inf, values outside ``[0, 1]`` (logits) or
+            channel sums not 1 (sigmoid outputs), checked with
+            :func:`monai_nacl.validation.check_probabilities`.
+
+    Example:
+        >>> VoxelEntropy()(torch.full((2, 4, 4), 0.5)).max().item()
+        1.0
     """
 
     def __init__(self, normalize: bool = True) -> None:
         self.normalize = normalize
 
     def __call__(self, prob: torch.Tensor) -> torch.Tensor:
-        p = torch.as_tensor(prob).float()
-        if p.ndim < 2 or p.shape[0] < 2:
-            raise ValueError(f"probabilities must be C,*spatial with C >= 2, got {tuple(p.shape)}.")
+        """
+        Args:
+            prob: probabilities ``C,*spatial`` (tensor, MetaTensor or array).
+
+        Returns:
+            the entropy ``1,*spatial`` (float32; a MetaTensor with ``prob``'s metadata when it is one).
+        """
+        plain = as_tensor(torch.as_tensor(prob))
+        if plain.ndim < 2 or plain.ndim > 4 or plain.shape[0] < 2:
+            raise ValueError(
+                f"prob must be probabilities C,*spatial (at most 3 spatial dims, no batch axis) with C >= 2, got "
+                f"{tuple(plain.shape)}."
+            )
+        check_probabilities(plain, dim=0, name="prob")  # tolerance of the input's own dtype
+        p = plain.float()
         h = -(p * torch.log(p.clamp_min(1e-12))).sum(0, keepdim=True)
         if self.normalize:
             h = h / torch.log(torch.tensor(float(p.shape[0])))

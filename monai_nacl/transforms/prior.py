@@ -15,12 +15,14 @@ from monai_nacl.prior import (
     KERNELS,
     PADDINGS,
     _ensure_sigma,
+    check_kernel_size,
+    check_sigma,
     ensure_kernel_size,
     kernel_size_from_spacing,
     neighbor_prior,
     sigma_from_spacing,
 )
-from monai_nacl.validation import check_label_values, check_num_classes
+from monai_nacl.validation import check_ignore_index, check_label_values, check_num_classes
 
 __all__ = ["NeighborPrior", "NeighborPriord"]
 
@@ -43,8 +45,11 @@ class NeighborPrior(Transform):
         dtype: ``torch.float32`` or ``torch.float16`` (half the memory in a cache).
 
     Raises:
-        ValueError: bad options; a label that is not ``1,*spatial``, has values outside ``[0, C)`` other than
-            ``ignore_index``, or lacks spacing when ``neighborhood_mm`` is used on a plain tensor.
+        ValueError: bad options, at construction (``kernel_size`` not odd positive integers, e.g. ``3.0``;
+            ``sigma`` or ``neighborhood_mm`` not positive finite numbers; ``ignore_index`` not an integer...); a
+            label that is not ``1,*spatial``, holds non-integer values (e.g. ``1.9``: never floored), NaN/Inf or
+            values outside ``[0, C)`` other than ``ignore_index``, or lacks spacing when ``neighborhood_mm`` is used
+            on a plain tensor.
 
     Example:
         >>> prior = NeighborPrior(num_classes=3)
@@ -73,15 +78,13 @@ class NeighborPrior(Transform):
             raise ValueError(f"padding must be one of {PADDINGS}, got {padding!r}.")
         if dtype not in (torch.float32, torch.float16, torch.float64, torch.bfloat16):
             raise ValueError(f"dtype must be a floating torch dtype, got {dtype}.")
-        if neighborhood_mm is None and not isinstance(kernel_size, (int, np.integer)):
-            ensure_kernel_size(kernel_size, len(kernel_size))
         self.num_classes = int(num_classes)
         self.kernel = kernel
-        self.kernel_size = kernel_size
-        self.sigma = sigma
+        self.kernel_size = check_kernel_size(kernel_size)
+        self.sigma = check_sigma(sigma)
         self.padding = padding
-        self.ignore_index = ignore_index
-        self.neighborhood_mm = neighborhood_mm
+        self.ignore_index = check_ignore_index(ignore_index)
+        self.neighborhood_mm = None if neighborhood_mm is None else check_sigma(neighborhood_mm, "neighborhood_mm")
         self.dtype = dtype
 
     def kernel_for(self, label: torch.Tensor) -> tuple[tuple[int, ...], tuple[float, ...]]:
@@ -107,7 +110,7 @@ class NeighborPrior(Transform):
             raise ValueError(f"label must have shape 1,*spatial (2D or 3D), got {tuple(lab.shape)}.")
         sizes, sigma = self.kernel_for(lab)
         plain = lab.as_tensor() if isinstance(lab, MetaTensor) else lab
-        check_label_values(plain, self.num_classes, self.ignore_index, name="label")
+        plain = check_label_values(plain, self.num_classes, self.ignore_index, name="label")
         tau = neighbor_prior(
             plain[None], self.num_classes, self.kernel, sizes, sigma, self.padding, self.ignore_index, self.dtype
         )[0]
