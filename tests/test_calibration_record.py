@@ -80,3 +80,17 @@ def test_check_names_every_mismatch(tmp_path):
     record_path(path).write_text("{truncated")
     with pytest.raises(ValueError, match="model.calibration.json: not a valid calibration record"):
         read_calibration_record(path)
+
+
+def test_warn_if_not_calibrated(tmp_path):
+    from monai_nacl.calibration import StaleTemperatureWarning, warn_if_not_calibrated
+
+    net = _net()
+    net.set_temperature(torch.tensor([0.8, 1.9]))
+    save_calibrated(net.state_dict(), tmp_path / "model.pt")
+    assert warn_if_not_calibrated(tmp_path / "model.pt") == []
+    torch.save(_net().state_dict(), tmp_path / "model.pt")  # overwritten by uncalibrated weights
+    with pytest.warns(StaleTemperatureWarning, match="no record of the weights"):
+        assert warn_if_not_calibrated(tmp_path / "model.pt")
+    with pytest.raises(FileNotFoundError, match="absent.pt not found"):
+        warn_if_not_calibrated(tmp_path / "absent.pt")

@@ -81,3 +81,61 @@ def test_evaluator_with_all_handlers(tmp_path, caplog):
     state = torch.load(tmp_path / "model.pt", weights_only=True)
     assert state["temperature"].item() == fit.fitted.item() != 1.0
     assert "temperature" in metrics
+
+
+def _toy_run(save_dir, max_epochs, kill_at=None, t_max=None):
+    from ignite.engine import Engine, Events
+
+    from monai_nacl.handlers import ResumableCheckpoint
+
+    net = torch.nn.Linear(2, 1)
+    opt = torch.optim.SGD(net.parameters(), lr=1.0)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=t_max or max_epochs)
+    engine = Engine(lambda e, b: None)
+    engine.add_event_handler(Events.EPOCH_COMPLETED, lambda _: sched.step())
+    ResumableCheckpoint(save_dir, {"network": net, "optimizer": opt, "lr_scheduler": sched}).attach(engine)
+    if kill_at is not None:
+
+        def kill(e):
+            raise KeyboardInterrupt
+
+        engine.add_event_handler(Events.EPOCH_STARTED(once=kill_at), kill)
+    return engine, sched
+
+
+def test_resumable_checkpoint_keeps_the_configured_schedule_length(tmp_path):
+    engine, _ = _toy_run(tmp_path, max_epochs=4, kill_at=3)
+    with pytest.raises(KeyboardInterrupt):
+        engine.run([0], max_epochs=4)
+    # extend the interrupted run: the schedule follows the new length instead of the checkpoint's T_max=4
+    engine, sched = _toy_run(tmp_path, max_epochs=8, t_max=8)
+    seen = []
+    from ignite.engine import Events
+
+    engine.add_event_handler(Events.EPOCH_STARTED, lambda e: seen.append((e.state.epoch, sched.T_max)))
+    engine.run([0], max_epochs=8)
+    assert seen[0] == (3, 8) and len(seen) == 6
+    assert not list(tmp_path.glob("*.pt"))  # completed: removed
+
+
+def test_resumable_checkpoint_names_a_corrupt_file(tmp_path):
+    (tmp_path / "train_checkpoint_3.pt").write_bytes(b"truncated")
+    engine, _ = _toy_run(tmp_path, max_epochs=4)
+    with pytest.raises(ValueError, match="cannot resume from .*train_checkpoint_3.pt .*delete it"):
+        engine.run([0], max_epochs=4)
+
+
+def test_interval_validation_includes_the_last_epoch():
+    from ignite.engine import Engine
+
+    from monai_nacl.handlers import IntervalValidationHandler
+
+    handler = IntervalValidationHandler(interval=5)
+    calls = []
+    engine = Engine(lambda e, b: None)
+    handler.validator = type("V", (), {"run": lambda self, epoch: calls.append(epoch)})()
+    handler.attach(engine)
+    engine.run([0], max_epochs=12)
+    assert calls == [5, 10, 12]
+    with pytest.raises(ValueError, match="positive integer"):
+        IntervalValidationHandler(interval=0)

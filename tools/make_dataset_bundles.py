@@ -316,6 +316,8 @@ def train_config(spec: dict) -> dict:
                 "_target_": "torch.optim.lr_scheduler.CosineAnnealingLR",
                 "optimizer": "@optimizer",
                 "T_max": "@train#trainer#max_epochs",
+                # a floor, so the LR never reaches 0 (the last epochs of any run still learn)
+                "eta_min": "$@optimizer#lr * 0.01",
             },
         }
     )
@@ -641,7 +643,11 @@ def inference_config(spec: dict) -> dict:
         "val_handlers": "@handlers",
         "amp": "$torch.cuda.is_available()",
     }
-    cfg["initialize"] = ["$monai.utils.set_determinism(seed=123)"]
+    cfg["initialize"] = [
+        "$monai.utils.set_determinism(seed=123)",
+        # a missing, unreadable or stale model.pt is reported before any image is read
+        "$monai_nacl.calibration.warn_if_not_calibrated(@ckpt_dir + '/model.pt')",
+    ]
     cfg["run"] = ["$@evaluator.run()"]
     cfg["finalize"] = ["$@dataset.raise_if_failed()"]
     return cfg

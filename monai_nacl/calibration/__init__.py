@@ -5,6 +5,7 @@ from monai_nacl.calibration.record import (
     read_calibration_record,
     record_path,
     save_calibrated,
+    warn_if_not_calibrated,
 )
 from monai_nacl.calibration.temperature import (
     T_MAX,
@@ -34,4 +35,5 @@ __all__ = [
     "read_calibration_record",
     "check_calibration_record",
     "record_path",
+    "warn_if_not_calibrated",
 ]

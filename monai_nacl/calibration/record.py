@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import datetime
 import json
+import logging
 import os
 import tempfile
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -20,9 +22,17 @@ from typing import Any
 import torch
 from monai.networks.utils import save_state
 
-from monai_nacl.calibration.temperature import weights_fingerprint
+from monai_nacl.calibration.temperature import StaleTemperatureWarning, weights_fingerprint
 
-__all__ = ["record_path", "save_calibrated", "read_calibration_record", "check_calibration_record"]
+__all__ = [
+    "record_path",
+    "save_calibrated",
+    "read_calibration_record",
+    "check_calibration_record",
+    "warn_if_not_calibrated",
+]
+
+logger = logging.getLogger(__name__)
 
 
 def record_path(weights_path: str | Path) -> Path:
@@ -107,9 +117,12 @@ def check_calibration_record(path: str | Path) -> list[str]:
     was fitted for them and the record beside them says so.
 
     Raises:
+        FileNotFoundError: ``path`` does not exist.
         ValueError: ``path`` cannot be read as a state_dict (the path is named).
     """
     path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file {path} not found.")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises several types for truncated or foreign files
@@ -135,4 +148,19 @@ def check_calibration_record(path: str | Path) -> list[str]:
         stored = [float(t) for t in state["temperature"].flatten()]
         if record.get("temperature") != stored:
             problems.append(f"{record_path(path)}: temperature {record.get('temperature')}, weights hold {stored}")
+    return problems
+
+
+def warn_if_not_calibrated(path: str | Path) -> list[str]:
+    """Warn (``StaleTemperatureWarning``, and the log) for each problem :func:`check_calibration_record` finds in
+    the weights at ``path``; return them. The bundles' ``inference.json`` runs it before loading ``model.pt``, so
+    a missing, unreadable or stale model is reported before any image is processed.
+
+    Raises:
+        FileNotFoundError, ValueError: as :func:`check_calibration_record` (missing or unreadable weights).
+    """
+    problems = check_calibration_record(path)
+    for problem in problems:
+        logger.warning("%s: the probabilities may not be calibrated", problem)
+        warnings.warn(problem, StaleTemperatureWarning, stacklevel=2)
     return problems
