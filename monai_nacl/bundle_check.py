@@ -111,6 +111,9 @@ def check_bundle(
     for key in MONAI_LABEL_IDS:
         if key not in parser:
             problems.append(f"train.json lacks the id '{key}' that MONAI Label reads")
+    # MONAI Label inserts a CheckpointLoader into train#handlers and reads every entry's "_target_"
+    if "train#handlers" in parser and not all(isinstance(h, dict) for h in parser["train#handlers"]):
+        problems.append("train#handlers must hold dicts only (no '@' references): MONAI Label reads each '_target_'")
 
     weights = bundle / "models" / "model.pt"
     if weights.is_file():

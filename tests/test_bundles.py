@@ -203,10 +203,19 @@ def test_monai_label_style_fine_tune_recalibrates(tmp_path):
         **fine_tune,
     )
     wf.initialize()
+    seen = []
+    evaluator = wf.parser.get_parsed_content("validate#evaluator")
+    evaluator.add_event_handler(
+        Events.EPOCH_COMPLETED, lambda e: seen.append((e.state.epoch, e.state.metrics["val_mean_dice"]))
+    )
     wf.run()
+    # the starting model (calibrated for its weights) is validated first: the fine-tune replaces it only if better
+    assert [epoch for epoch, _ in seen] == [0, 1]
     new = read_calibration_record(model)
-    assert new["weights_fingerprint"] != old["weights_fingerprint"] and new["written"] >= old["written"]
+    best_epoch, best = max(seen, key=lambda x: x[1])
+    assert new["epoch"] == best_epoch and new["metric"]["val_mean_dice"] == best
     assert check_calibration_record(model) == []
+    assert (new["weights_fingerprint"] != old["weights_fingerprint"]) == (best_epoch == 1)
 
 
 def test_folder_inference_reports_bad_files_and_exits_nonzero(tmp_path):

@@ -94,3 +94,4 @@ def test_warn_if_not_calibrated(tmp_path):
         assert warn_if_not_calibrated(tmp_path / "model.pt")
     with pytest.raises(FileNotFoundError, match="absent.pt not found"):
         warn_if_not_calibrated(tmp_path / "absent.pt")
+    assert warn_if_not_calibrated(tmp_path / "absent.pt", missing_ok=True) == [f"{tmp_path / 'absent.pt'}: not found"]

@@ -139,3 +139,29 @@ def test_interval_validation_includes_the_last_epoch():
     assert calls == [5, 10, 12]
     with pytest.raises(ValueError, match="positive integer"):
         IntervalValidationHandler(interval=0)
+
+
+def test_interval_validation_of_a_calibrated_start():
+    from ignite.engine import Engine
+
+    from monai_nacl.handlers import IntervalValidationHandler
+
+    net = TemperatureScaled(UNet(3, 1, 3, channels=(4, 8), strides=(2,), num_res_units=1))
+    calls = []
+    validator = type("V", (), {"network": net, "run": lambda self, epoch: calls.append(epoch)})()
+
+    def run():
+        calls.clear()
+        engine = Engine(lambda e, b: None)
+        handler = IntervalValidationHandler(interval=5)
+        handler.validator = validator  # a stand-in for an Evaluator (MONAI's setter checks the type)
+        handler.attach(engine)
+        engine.run([0], max_epochs=2)
+        return list(calls)
+
+    assert run() == [2]  # a fresh network: nothing to compare against
+    net.set_temperature(1.5)  # calibrated for these weights, as a model.pt loaded for fine-tuning
+    assert run() == [0, 2]
+    with torch.no_grad():
+        next(net.network.parameters()).add_(1.0)  # weights changed since (a resumed run)
+    assert run() == [2]

@@ -645,8 +645,8 @@ def inference_config(spec: dict) -> dict:
     }
     cfg["initialize"] = [
         "$monai.utils.set_determinism(seed=123)",
-        # a missing, unreadable or stale model.pt is reported before any image is read
-        "$monai_nacl.calibration.warn_if_not_calibrated(@ckpt_dir + '/model.pt')",
+        # an unreadable or stale model.pt is reported before any image is read (these bundles ship no weights)
+        "$monai_nacl.calibration.warn_if_not_calibrated(@ckpt_dir + '/model.pt', missing_ok=True)",
     ]
     cfg["run"] = ["$@evaluator.run()"]
     cfg["finalize"] = ["$@dataset.raise_if_failed()"]

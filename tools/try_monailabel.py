@@ -1,9 +1,12 @@
 """Run MONAI Label's ``BundleInferTask`` on this project's bundles (a manual check, not part of CI).
 
-MONAI Label 0.8.5 pulls a CUDA torch of several GB, so it lives in its own environment; see
-docs/monai_label.md for how that environment was built and what this script printed. Usage::
+MONAI Label 0.8.5 lives in its own environment; see docs/monai_label.md for how that environment is built and
+what this script printed. Where torchvision cannot be imported, the ``monailabel_nacl`` app's stand-in
+(``apps/monailabel_nacl/compat``) is used, as the app itself does. Usage::
 
-    PYTHONPATH=/path/to/torchvision-stub mlenv/bin/python tools/try_monailabel.py --hippocampus ../shared/data/hippocampus
+    /work/mlvenv/bin/python tools/try_monailabel.py --hippocampus ../shared/data/hippocampus
+
+The running server (``apps/monailabel_nacl``) is checked by ``tools/monailabel_server_check.py``.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import sys
 import tempfile
 import traceback
 from pathlib import Path
@@ -19,11 +23,19 @@ import nibabel as nib
 import numpy as np
 import torch
 from monai.bundle import ConfigParser
-from monailabel.tasks.infer.bundle import BundleInferTask
-
-from monai_nacl.data import build_datalist, write_fixture
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # this checkout's monai_nacl
+try:
+    import torchvision.utils  # noqa: F401  (MONAI Label imports it at module level)
+except Exception:
+    for _name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
+        del sys.modules[_name]
+    sys.path.insert(0, str(REPO / "apps" / "monailabel_nacl" / "compat"))
+
+from monailabel.tasks.infer.bundle import BundleInferTask  # noqa: E402
+
+from monai_nacl.data import build_datalist, write_fixture  # noqa: E402
 
 
 def infer(bundle: Path, image: str, label: str) -> bool:

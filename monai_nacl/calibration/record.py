@@ -151,14 +151,22 @@ def check_calibration_record(path: str | Path) -> list[str]:
     return problems
 
 
-def warn_if_not_calibrated(path: str | Path) -> list[str]:
+def warn_if_not_calibrated(path: str | Path, missing_ok: bool = False) -> list[str]:
     """Warn (``StaleTemperatureWarning``, and the log) for each problem :func:`check_calibration_record` finds in
     the weights at ``path``; return them. The bundles' ``inference.json`` runs it before loading ``model.pt``, so
-    a missing, unreadable or stale model is reported before any image is processed.
+    an unreadable or stale model is reported before any image is processed.
+
+    Args:
+        path: the weights, e.g. ``models/model.pt``.
+        missing_ok: a missing file is a warning (a bundle that ships configs only), not an error.
 
     Raises:
-        FileNotFoundError, ValueError: as :func:`check_calibration_record` (missing or unreadable weights).
+        FileNotFoundError: the file is missing (without ``missing_ok``).
+        ValueError: the file cannot be read as weights (the path is named).
     """
+    if missing_ok and not Path(path).is_file():
+        logger.warning("%s not found: inference needs trained weights there (or ckpt_dir pointing at them)", path)
+        return [f"{path}: not found"]
     problems = check_calibration_record(path)
     for problem in problems:
         logger.warning("%s: the probabilities may not be calibrated", problem)

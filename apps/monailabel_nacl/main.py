@@ -1,0 +1,93 @@
+"""MONAI Label app that serves and trains this project's bundles, offline.
+
+Every bundle found under the ``bundles`` option (default: this app's ``model/`` folder; each subfolder a bundle)
+becomes a model named after its folder: inference through ``BundleInferTask`` (weights loaded with
+``load_strict=True``) when it has ``models/model.pt`` or ``models/model.ts``, training through ``BundleTrainTask``
+when it has ``configs/train.json``. Nothing is downloaded: no model zoo list, no pretrained weights.
+
+    monailabel start_server --app apps/monailabel_nacl --studies STUDIES --conf bundles BUNDLES \
+        --host 127.0.0.1 --port 8000
+
+Options (``--conf KEY VALUE``):
+
+* ``bundles``: one or more paths, separated by ``,`` or ``:``; each a bundle or a folder of bundles.
+* ``load_strict``: ``true`` (default) or ``false``; strict state-dict loading for inference and for the
+  checkpoint that training starts from.
+* ``preload``: ``true`` to load the networks at start-up (MONAI Label's own option).
+
+Training writes into the bundle folder (``models/model.pt``), so serve a copy of a bundle you want to keep.
+See docs/monai_label.md.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+APP_DIR = Path(__file__).resolve().parent
+
+
+def _ensure_torchvision_utils() -> None:
+    """MONAI Label imports ``torchvision.utils`` at module level; fall back to ``compat/torchvision`` when the
+    installed torchvision is missing or cannot load (PyPI's CUDA wheel beside a CPU torch)."""
+    try:
+        import torchvision.utils  # noqa: F401
+
+        return
+    except Exception:  # ImportError, or RuntimeError from a wheel built for another torch
+        pass
+    for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
+        del sys.modules[name]
+    sys.path.insert(0, str(APP_DIR / "compat"))
+    import torchvision.utils  # noqa: F401
+
+    logging.getLogger(__name__).warning("torchvision is not importable; using %s", APP_DIR / "compat")
+
+
+_ensure_torchvision_utils()
+
+from monailabel.interfaces.app import MONAILabelApp  # noqa: E402
+from monailabel.tasks.activelearning.first import First  # noqa: E402
+from monailabel.tasks.activelearning.random import Random  # noqa: E402
+from monailabel.tasks.infer.bundle import BundleInferTask  # noqa: E402
+from monailabel.tasks.train.bundle import BundleTrainTask  # noqa: E402
+from nacl_bundles import INFER_CONFIGS, TRAIN_CONFIGS, find_bundles, has_config, has_weights  # noqa: E402
+
+logger = logging.getLogger(__name__)
+
+
+class NACLBundleApp(MONAILabelApp):
+    def __init__(self, app_dir, studies, conf):
+        self.bundles = find_bundles(conf.get("bundles"), Path(app_dir) / "model")
+        self.load_strict = str(conf.get("load_strict", "true")).lower() in ("1", "true", "yes")
+        logger.info("Bundles: %s", {k: str(v) for k, v in self.bundles.items()})
+        super().__init__(
+            app_dir=app_dir,
+            studies=studies,
+            conf=conf,
+            name="monai_nacl",
+            description="NACL-calibrated segmentation bundles (monai-nacl)",
+            version="1",
+        )
+
+    def init_infers(self):
+        infers = {}
+        for name, path in self.bundles.items():
+            if has_config(path, INFER_CONFIGS) and has_weights(path):
+                task = BundleInferTask(str(path), self.conf, load_strict=self.load_strict)
+                if task.is_valid():
+                    infers[name] = task
+        return infers
+
+    def init_trainers(self):
+        trainers = {}
+        for name, path in self.bundles.items():
+            if has_config(path, TRAIN_CONFIGS):
+                task = BundleTrainTask(str(path), self.conf, load_strict=self.load_strict)
+                if task.is_valid():
+                    trainers[name] = task
+        return trainers
+
+    def init_strategies(self):
+        return {"random": Random(), "first": First()}
