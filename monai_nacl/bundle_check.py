@@ -2,7 +2,7 @@
 
 Run ``python -m monai_nacl.bundle_check [BUNDLE ...]`` (default: every ``bundles/*_segmentation``). For each
 bundle it checks the zoo's file layout, validates ``configs/metadata.json`` against both metadata schemas
-(offline copies from ``../shared/monai_schema``, copied into ``<bundle>/eval/`` at check time), that
+(offline copies shipped in ``monai_nacl/schemas``, copied into ``<bundle>/eval/`` at check time), that
 ``ConfigWorkflow.check_properties()`` is empty for train and infer, the ids MONAI Label reads, that
 ``models/model.pt`` (when the bundle ships weights) is a plain state_dict loading with ``weights_only=True``, that
 every shipped ``models/*.pt`` holds a temperature fitted for its own weights with a matching
@@ -41,7 +41,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def default_schema_dir() -> Path:
-    return Path(os.environ.get("MONAI_NACL_SCHEMA_DIR", ROOT.parent / "shared" / "monai_schema"))
+    """``MONAI_NACL_SCHEMA_DIR`` if set, else the copies shipped in the package (``monai_nacl/schemas``)."""
+    return Path(os.environ.get("MONAI_NACL_SCHEMA_DIR", Path(__file__).resolve().parent / "schemas"))
 
 
 def check_bundle(

@@ -12,6 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
+# bundle workflows, torchrun and script runs: minutes in all; `pytest -m "not slow"` skips them
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parents[1]
 HIPPO_DATA = Path(os.environ.get("MONAI_NACL_HIPPOCAMPUS", ROOT.parent / "shared" / "data" / "hippocampus"))
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import warnings
 from pathlib import Path
 
 import nibabel as nib
@@ -13,10 +14,14 @@ import pytest
 import torch
 from conftest import bundle_workflow, torchrun_bundle
 from ignite.engine import Events
+from monai.bundle import ConfigParser
 
 from monai_nacl.bundle_check import all_bundles, check_bundle, default_schema_dir
 from monai_nacl.calibration import check_calibration_record
 from monai_nacl.handlers import PriorFromBatch
+
+# bundle workflows, torchrun and script runs: minutes in all; `pytest -m "not slow"` skips them
+pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
 # bundles that ship trained weights; the configs-only dataset bundles are checked in test_dataset_bundles.py
@@ -311,10 +316,17 @@ def test_prior_reaches_the_loss_in_training(tmp_path):
     assert used and all(used)
 
 
-def test_shipped_model_loads_plain(tmp_path):
+def test_shipped_model_loads_plain():
     state = torch.load(QUICKSTART / "models" / "model.pt", weights_only=True)
     assert "temperature" in state and state["temperature"].numel() == 1
-    shutil.copy(QUICKSTART / "models" / "model.pt", tmp_path / "model.pt")
+    parser = ConfigParser()
+    parser.read_config(str(QUICKSTART / "configs" / "inference.json"))
+    network = parser.get_parsed_content("network_def")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no StaleTemperatureWarning: T was fitted for these weights
+        network.load_state_dict(state)  # strict
+    assert network.is_calibrated_for_current_weights()
+    assert check_calibration_record(QUICKSTART / "models" / "model.pt") == []
 
 
 def test_quickstart_command_runs_train_calibrate_evaluate(tmp_path):

@@ -18,6 +18,9 @@ from monai_nacl.calibration import check_calibration_record
 from monai_nacl.data import build_datalist, write_fixture
 from monai_nacl.handlers import TemperatureFitHandler
 
+# bundle workflows, torchrun and script runs: minutes in all; `pytest -m "not slow"` skips them
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("make_dataset_bundles", ROOT / "tools" / "make_dataset_bundles.py")
 generator = importlib.util.module_from_spec(_spec)

@@ -83,6 +83,7 @@ def _monailabel_venv() -> Path | None:
     return venv if (venv / "bin" / "python").is_file() else None
 
 
+@pytest.mark.slow
 @pytest.mark.monailabel
 def test_real_server_check():
     """Starts the app on 127.0.0.1, infers, trains 2 epochs and stops it (a few minutes on 2 CPU cores)."""

@@ -66,7 +66,8 @@ def test_fit_temperature_composes_with_existing_temperature(rng):
 def test_wrapper_state_dict_torchscript_and_dropout():
     unet = UNet(3, 1, 3, channels=(4, 8), strides=(2,), num_res_units=1)
     net = TemperatureScaled(unet, num_classes=3, per_class=True, dropout=0.2)
-    assert all(m.p == 0.2 for m in net.modules() if isinstance(m, nn.Dropout))
+    dropouts = [m for m in net.modules() if isinstance(m, nn.Dropout)]
+    assert dropouts and all(m.p == 0.2 for m in dropouts)
     net.set_temperature(torch.tensor([1.5, 2.0, 3.0]))
     buf = io.BytesIO()
     torch.save(net.state_dict(), buf)
