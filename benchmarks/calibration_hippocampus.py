@@ -54,6 +54,7 @@ NO_PRIOR = {
     "train#prior_transform": {"_target_": "Identityd", "keys": "label"},
     "train#spatial_keys": ["image", "label"],
     "train#spatial_modes": ["bilinear", "nearest"],
+    "train#spatial_padding": ["zeros", "zeros"],
 }
 
 

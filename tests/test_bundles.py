@@ -428,3 +428,32 @@ def test_shipped_hippocampus_models_load_plain():
         far, near = state["temperature"].tolist()
         assert near > 1.0 and near > far
         network.load_state_dict(state)  # strict
+
+
+@pytest.mark.parametrize("configs", [["train.json"], ["train.json", "train_dice_ce.json"]])
+def test_rotated_in_corners_keep_a_prior_that_sums_to_one(configs):
+    from monai.transforms import RandAffined
+
+    parser = ConfigParser()
+    parser.read_config([str(HIPPO_BUNDLE / "configs" / c) for c in configs])
+    parser["bundle_root"] = str(HIPPO_BUNDLE)
+    preprocessing = parser.get_parsed_content("train#preprocessing")
+    affine = next(t for t in preprocessing.transforms if isinstance(t, RandAffined))
+    modes = dict(zip(affine.keys, affine.padding_mode))
+    assert modes["image"] == modes["label"] == "zeros"
+    if "prior" not in affine.keys:
+        assert configs[-1] == "train_dice_ce.json"
+        return
+    assert modes["prior"] == "border"
+    # the same transform, always applied with a large rotation: tau still sums to 1 in rotated-in corners
+    strong = RandAffined(
+        affine.keys, prob=1.0, rotate_range=(0.6, 0.6, 0.6), mode=affine.mode, padding_mode=affine.padding_mode
+    )
+    strong.set_random_state(0)
+    label = torch.zeros(1, 16, 16, 16)
+    label[0, 5:11, 5:11, 5:11] = 1
+    from monai_nacl.transforms import NeighborPrior
+
+    prior = NeighborPrior(3)(label)
+    out = strong({"image": torch.rand(1, 16, 16, 16), "label": label, "prior": prior})
+    torch.testing.assert_close(out["prior"].sum(0), torch.ones(16, 16, 16), atol=1e-4, rtol=0)

@@ -347,7 +347,8 @@ def train_config(spec: dict) -> dict:
             "rotate_range": [0.2, 0.2, 0.2],
             "scale_range": [0.1, 0.1, 0.1],
             "mode": ["bilinear", "nearest", "bilinear"],
-            "padding_mode": "zeros",
+            # the prior keeps its border where the volume rotates in (zeros would make tau sum to 0 there)
+            "padding_mode": ["zeros", "zeros", "border"],
         },
         {"_target_": "RandScaleIntensityd", "keys": "image", "factors": 0.1, "prob": 0.5},
         {"_target_": "RandShiftIntensityd", "keys": "image", "offsets": 0.1, "prob": 0.5},
