@@ -457,3 +457,78 @@ def test_rotated_in_corners_keep_a_prior_that_sums_to_one(configs):
     prior = NeighborPrior(3)(label)
     out = strong({"image": torch.rand(1, 16, 16, 16), "label": label, "prior": prior})
     torch.testing.assert_close(out["prior"].sum(0), torch.ones(16, 16, 16), atol=1e-4, rtol=0)
+
+
+def test_empty_validation_data_is_an_error_not_a_silent_run(tmp_path):
+    from monai_nacl.data import phantom_datalist
+
+    data = phantom_datalist(tmp_path / "data", 2, 1, 0)
+    with pytest.raises(RuntimeError) as err:
+        _workflow(QUICKSTART, ["train.json"], "train", **{**_tiny(tmp_path), "validate#dataset#data": []})
+    assert "the validation datalist is empty" in str(err.value.__cause__)
+    # a validation case without any foreground: Dice is NaN every time, so no model can be chosen: an error
+    wf = _workflow(QUICKSTART, ["train.json"], "train", **_tiny(tmp_path))
+    saver = wf.parser.get_parsed_content("validate#model_saver")
+    evaluator = wf.parser.get_parsed_content("validate#evaluator")
+    evaluator.add_event_handler(Events.EPOCH_COMPLETED, lambda e: e.state.metrics.update(val_mean_dice=float("nan")))
+    evaluator.remove_event_handler(saver._maybe_save, Events.EPOCH_COMPLETED)
+    evaluator.add_event_handler(Events.EPOCH_COMPLETED, saver._maybe_save)
+    with pytest.raises(RuntimeError) as err:
+        wf.run()
+    assert "no model was saved" in str(err.value.__cause__)
+    assert data["validation"]
+
+
+def test_inference_refuses_a_model_not_calibrated_for_its_weights(tmp_path):
+    tiny = _tiny(tmp_path)
+    _workflow(QUICKSTART, ["train.json"], "train", **tiny).run()
+    model = tmp_path / "models" / "model.pt"
+    state = torch.load(model, weights_only=True)
+    state["network.model.0.conv.unit0.conv.weight"] = state["network.model.0.conv.unit0.conv.weight"] + 0.1
+    torch.save(state, model)  # fine-tuned weights written without refitting: the record no longer matches
+    override = {"ckpt_dir": str(tmp_path / "models"), "output_dir": str(tmp_path / "out")}
+    with pytest.raises(RuntimeError) as err:
+        _workflow(QUICKSTART, ["inference.json"], "infer", dataset_dir=str(tmp_path / "data"), **override)
+    assert "not known to be calibrated" in str(err.value.__cause__) and "require_calibrated" in str(err.value.__cause__)
+    with pytest.warns(UserWarning, match="temperature fitted for weights"):
+        _workflow(
+            QUICKSTART,
+            ["inference.json"],
+            "infer",
+            dataset_dir=str(tmp_path / "data"),
+            require_calibrated=False,
+            **override,
+        )
+
+
+@needs_hippocampus
+def test_dynunet_recipe_through_the_gpu_script_on_cpu(tmp_path):
+    """The GPU command's plumbing on CPU: both models with the DynUNet recipe (1 epoch, 4 cases), each saved
+    calibrated for its own weights; then inference with the recipe's network on one test case."""
+    import subprocess
+    import sys
+
+    from monai_nacl.data import load_datalist
+
+    out = tmp_path / "gpu"
+    cmd = [sys.executable, str(ROOT / "tools" / "gpu_hippocampus.py"), "--out", str(out), "--data", str(HIPPO_DATA)]
+    cmd += ["--device", "cpu", "--epochs", "1", "--cases", "4", "--workers", "0", "--skip-tests"]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    for model in ("nacl", "dice_ce"):
+        weights = out / "final" / model / "models" / "model.pt"
+        assert check_calibration_record(weights) == [], model
+        assert any(k.startswith("network.deep_supervision_heads") for k in torch.load(weights, weights_only=True))
+    image = load_datalist(HIPPO_BUNDLE / "configs" / "datalist.json", HIPPO_DATA)["test"][0]["image"]
+    infer = _workflow(
+        HIPPO_BUNDLE,
+        ["inference.json", "dynunet.json"],
+        "infer",
+        datalist=[{"image": image}],
+        ckpt_dir=str(out / "final" / "nacl" / "models"),
+        output_dir=str(tmp_path / "out"),
+    )
+    infer.run()
+    infer.finalize()
+    seg = nib.load(tmp_path / "out" / (Path(image).name.replace(".nii.gz", "") + "_seg.nii.gz"))
+    assert seg.shape == nib.load(image).shape

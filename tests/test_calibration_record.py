@@ -95,3 +95,22 @@ def test_warn_if_not_calibrated(tmp_path):
     with pytest.raises(FileNotFoundError, match="absent.pt not found"):
         warn_if_not_calibrated(tmp_path / "absent.pt")
     assert warn_if_not_calibrated(tmp_path / "absent.pt", missing_ok=True) == [f"{tmp_path / 'absent.pt'}: not found"]
+
+
+def test_record_is_strict_json(tmp_path):
+    net = _net()
+    net.set_temperature(torch.tensor([0.8, 1.9]))
+    save_calibrated(net.state_dict(), tmp_path / "model.pt", metric={"val_mean_dice": float("nan")})
+    text = record_path(tmp_path / "model.pt").read_text()
+    assert "NaN" not in text and json.loads(text)["metric"] == {"val_mean_dice": None}
+
+
+def test_inference_dataset_refuses_worker_processes(tmp_path):
+    from monai.data import DataLoader
+
+    from monai_nacl.data import InferenceDataset
+
+    ds = InferenceDataset([{"image": "a"}, {"image": "b"}], transform=None)
+    assert [d["image"] for d in DataLoader(ds, batch_size=1, num_workers=0)] == [["a"], ["b"]]
+    with pytest.raises(RuntimeError, match="num_workers=0"):
+        list(DataLoader(ds, batch_size=1, num_workers=1))

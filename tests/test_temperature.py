@@ -276,3 +276,37 @@ def test_fitter_score_matches_calibration_metric(rng):
     correction = fitter.fit()
     assert fitter.score(correction)["nll"] < fitter.score()["nll"]
     assert fitter.score(correction)["ece"] < fitter.score()["ece"]
+
+
+def test_handlers_fit_the_form_of_the_network():
+    from monai_nacl.handlers import CalibratedModelSaver, TemperatureFitHandler
+
+    per_class = TemperatureScaled(_small_unet(), num_classes=3, per_class=True)
+    assert TemperatureFitHandler(per_class, num_classes=3).fitter.per_class
+    assert CalibratedModelSaver("unused", per_class, num_classes=3).fitter.per_class
+    two = TemperatureScaled(_small_unet(), foreground_margin=1)
+    assert not TemperatureFitHandler(two, num_classes=3).fitter.per_class
+    # MC-dropout sampling (train mode, no gradients) keeps the temperature
+    net = TemperatureScaled(_small_unet(), temperature=2.0).train()
+    x = torch.randn(1, 1, 8, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(net(x), net.network(x) / 2.0)
+
+
+def test_fingerprint_unwraps_data_parallel_only():
+    from monai_nacl.calibration import weights_fingerprint
+
+    net = TemperatureScaled(_small_unet())
+    assert weights_fingerprint(nn.DataParallel(net)) == weights_fingerprint(net)
+
+    class Holder(nn.Module):  # a child called "module" is part of the weights, not a wrapper
+        def __init__(self):
+            super().__init__()
+            self.module = nn.Linear(2, 2)
+            self.head = nn.Linear(2, 2)
+
+    h = Holder()
+    before = weights_fingerprint(h)
+    with torch.no_grad():
+        h.head.weight.add_(1.0)
+    assert weights_fingerprint(h) != before

@@ -292,8 +292,8 @@ def train_config(spec: dict) -> dict:
     cfg = {"imports": ["$import os", "$import ignite", "$import monai_nacl"], **common(spec)}
     cfg.update(
         {
-            # resume checkpoints, apart from models/ (tools such as MONAI Label list every file there as a model)
-            "resume_dir": "$@bundle_root + '/checkpoints'",
+            # resume checkpoints beside the model folder, one folder per ckpt_dir (MONAI Label lists models/*.pt)
+            "resume_dir": "$@ckpt_dir.rstrip('/') + '_resume'",
             "label_values": spec["label_values"],
             "neighborhood_mm": "$3 * min(@pixdim)",
             "datalist": {
@@ -494,10 +494,13 @@ def train_config(spec: dict) -> dict:
     cfg["initialize"] = [
         "$monai.utils.set_determinism(seed=123)",
         # the data actually used: MONAI Label sets train#dataset#data and validate#dataset#data itself
-        "$monai_nacl.data.check_datalist(@train#dataset#data + @validate#dataset#data, @num_classes, "
-        "label_values=@label_values)",
+        "$monai_nacl.data.check_datalist(@train#dataset#data, @num_classes, label_values=@label_values, "
+        "name='training datalist')",
+        "$monai_nacl.data.check_datalist(@validate#dataset#data, @num_classes, label_values=@label_values, "
+        "name='validation datalist')",
     ]
-    cfg["run"] = ["$@train#trainer.run()"]
+    # a run that saved no model (no validation case, NaN metric) fails instead of ending with exit 0
+    cfg["run"] = ["$@train#trainer.run()", "$@validate#model_saver.check_saved()"]
     return cfg
 
 
@@ -559,6 +562,8 @@ def calibrate_config(spec: dict) -> dict:
 def inference_config(spec: dict) -> dict:
     cfg = {"imports": ["$import glob", "$import os", "$import monai_nacl"], **common(spec)}
     cfg["displayable_configs"] = {"output_kind": ["segmentation", "probabilities", "entropy"]}
+    # a model.pt not known to be calibrated for its weights is an error (set false to use it anyway)
+    cfg["require_calibrated"] = True
     # a folder of images (every format the readers know) when given, else the test split of the dataset
     cfg["input_dir"] = None
     cfg["datalist"] = (
@@ -647,7 +652,8 @@ def inference_config(spec: dict) -> dict:
     cfg["initialize"] = [
         "$monai.utils.set_determinism(seed=123)",
         # an unreadable or stale model.pt is reported before any image is read (these bundles ship no weights)
-        "$monai_nacl.calibration.warn_if_not_calibrated(@ckpt_dir + '/model.pt', missing_ok=True)",
+        "$monai_nacl.calibration.warn_if_not_calibrated(@ckpt_dir + '/model.pt', missing_ok=True, "
+        "strict=@require_calibrated)",
     ]
     cfg["run"] = ["$@evaluator.run()"]
     cfg["finalize"] = ["$@dataset.raise_if_failed()"]
@@ -657,7 +663,8 @@ def inference_config(spec: dict) -> dict:
 def multi_gpu_train() -> dict:
     cfg = json.loads((TEMPLATE / "configs" / "multi_gpu_train.json").read_text())
     cfg["initialize"] = [
-        line.replace("@num_classes)", "@num_classes, label_values=@label_values)") for line in cfg["initialize"]
+        line.replace("@num_classes, name=", "@num_classes, label_values=@label_values, name=")
+        for line in cfg["initialize"]
     ]
     return cfg
 
@@ -667,7 +674,7 @@ def metadata(spec: dict) -> dict:
     meta["version"] = VERSION
     meta["changelog"] = {
         VERSION: "lifecycle: best model saved with temperatures refitted for its own weights and a calibration "
-        "record; resume checkpoints in checkpoints/; last epoch always validates; MONAI Label training checks the "
+        "record; resume checkpoints beside models/ (models_resume/); last epoch always validates; MONAI Label training checks the "
         "data it is given; inference on any folder with bad files reported, per-structure summaries and an "
         "output_kind option",
         "0.1.0": "first release: configs only, no trained weights yet",
@@ -773,7 +780,7 @@ original image geometry, the segmentation (`_seg`), the class probabilities (`_p
 probability); a file that cannot be read or holds NaN/Inf voxels is named, skipped, and fails the run at the
 end (non-zero exit). Training saves its best model with temperatures refitted for its own weights and a record
 beside it (`models/model.calibration.json`); an interrupted run resumes from
-`checkpoints/train_checkpoint_<epoch>.pt` (deleted when the run completes). Check the bundle with
+`models_resume/train_checkpoint_<epoch>.pt` (`<ckpt_dir>_resume`; deleted when the run completes). Check the bundle with
 `python -m monai_nacl.bundle_check bundles/{name} --dataset-dir {name}=$DATA`.
 
 ## MONAI Label

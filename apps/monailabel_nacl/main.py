@@ -57,6 +57,22 @@ from nacl_bundles import INFER_CONFIGS, TRAIN_CONFIGS, find_bundles, has_config,
 logger = logging.getLogger(__name__)
 
 
+class NACLBundleTrainTask(BundleTrainTask):
+    """``BundleTrainTask`` whose run writes its best model back to the file it started from (the request's
+    ``model_filename``, e.g. ``model_dice_ce.pt``), not always to ``model.pt``: the bundles' model saver takes
+    the file name from ``validate#model_saver#filename``."""
+
+    def __call__(self, request, datastore):
+        name = request.get("model_filename", "model.pt")
+        self._model_filename = name if isinstance(name, str) else name[0]
+        return super().__call__(request, datastore)
+
+    def _update_overrides(self, overrides):
+        if self.bundle_config.get("validate#model_saver") is not None:
+            overrides["validate#model_saver#filename"] = getattr(self, "_model_filename", "model.pt")
+        return overrides
+
+
 class NACLBundleApp(MONAILabelApp):
     def __init__(self, app_dir, studies, conf):
         self.bundles = find_bundles(conf.get("bundles"), Path(app_dir) / "model")
@@ -84,7 +100,7 @@ class NACLBundleApp(MONAILabelApp):
         trainers = {}
         for name, path in self.bundles.items():
             if has_config(path, TRAIN_CONFIGS):
-                task = BundleTrainTask(str(path), self.conf, load_strict=self.load_strict)
+                task = NACLBundleTrainTask(str(path), self.conf, load_strict=self.load_strict)
                 if task.is_valid():
                     trainers[name] = task
         return trainers

@@ -35,6 +35,16 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 
+def _finite(value):
+    if isinstance(value, float) and value != value or value in (float("inf"), float("-inf")):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
 def record_path(weights_path: str | Path) -> Path:
     """``models/model.pt`` → ``models/model.calibration.json``."""
     weights_path = Path(weights_path)
@@ -81,7 +91,8 @@ def save_calibrated(state: Mapping[str, torch.Tensor], path: str | Path, **prove
         "written": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         **provenance,
     }
-    text = json.dumps(record, indent=4, default=float)  # fail on unserialisable provenance before writing anything
+    # strict JSON (NaN -> null); fail on unserialisable provenance before writing anything
+    text = json.dumps(_finite(record), indent=4, default=float, allow_nan=False)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_state(dict(state), path)
     target = record_path(path)
@@ -151,7 +162,7 @@ def check_calibration_record(path: str | Path) -> list[str]:
     return problems
 
 
-def warn_if_not_calibrated(path: str | Path, missing_ok: bool = False) -> list[str]:
+def warn_if_not_calibrated(path: str | Path, missing_ok: bool = False, strict: bool = False) -> list[str]:
     """Warn (``StaleTemperatureWarning``, and the log) for each problem :func:`check_calibration_record` finds in
     the weights at ``path``; return them. The bundles' ``inference.json`` runs it before loading ``model.pt``, so
     an unreadable or stale model is reported before any image is processed.
@@ -159,15 +170,21 @@ def warn_if_not_calibrated(path: str | Path, missing_ok: bool = False) -> list[s
     Args:
         path: the weights, e.g. ``models/model.pt``.
         missing_ok: a missing file is a warning (a bundle that ships configs only), not an error.
+        strict: raise instead of warning (the bundles' ``require_calibrated``).
 
     Raises:
         FileNotFoundError: the file is missing (without ``missing_ok``).
-        ValueError: the file cannot be read as weights (the path is named).
+        ValueError: the file cannot be read as weights (the path is named), or, with ``strict``, any problem.
     """
     if missing_ok and not Path(path).is_file():
         logger.warning("%s not found: inference needs trained weights there (or ckpt_dir pointing at them)", path)
         return [f"{path}: not found"]
     problems = check_calibration_record(path)
+    if strict and problems:
+        raise ValueError(
+            "the model is not known to be calibrated for its weights: " + "; ".join(problems) + ". Refit the "
+            "temperature (calibrate.json) or, to use it anyway, set require_calibrated to false."
+        )
     for problem in problems:
         logger.warning("%s: the probabilities may not be calibrated", problem)
         warnings.warn(problem, StaleTemperatureWarning, stacklevel=2)

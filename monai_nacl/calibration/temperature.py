@@ -56,10 +56,12 @@ def weights_fingerprint(weights: nn.Module | Mapping[str, torch.Tensor]) -> int:
     Args:
         weights: a module, or a state_dict. A :class:`TemperatureScaled` (or its state_dict, recognised by its
             ``temperature`` entry) is fingerprinted by its inner network only, so the temperature and the
-            fingerprint buffer do not count: a module and its saved state_dict give the same value on any device.
+            fingerprint buffer do not count: a module and its saved state_dict give the same value on any device
+            (the dtype counts: a ``.half()`` copy is other weights).
     """
     if isinstance(weights, nn.Module):
-        weights = weights.module if hasattr(weights, "module") and isinstance(weights.module, nn.Module) else weights
+        if isinstance(weights, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            weights = weights.module
         if isinstance(weights, TemperatureScaled):
             weights = weights.network
         state = weights.state_dict()
@@ -124,7 +126,7 @@ class TemperatureScaled(nn.Module):
             background; see :func:`near_foreground`) are divided by ``T[1]``, the others by ``T[0]``. The
             segmentation is unchanged; a stored single ``T`` loads as both values.
 
-    ``T`` applies in evaluation mode only: in training mode ``forward`` returns the raw logits, so a network
+    ``T`` applies except in training with gradients: there ``forward`` returns the raw logits, so a network
     fine-tuned from calibrated weights trains exactly as one trained from scratch, and the temperature is refitted
     for the new weights afterwards. The buffer ``calibrated_for`` holds :func:`weights_fingerprint` of the weights
     ``T`` was last set for (0: never set); loading a state_dict whose weights differ from it warns with
@@ -191,7 +193,7 @@ class TemperatureScaled(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         logits = self.network(x)
-        if self.training:
+        if self.training and torch.is_grad_enabled():  # training; MC-dropout sampling (no grad) keeps T
             return logits
         return apply_temperature(logits, self.temperature, self.foreground_margin)
 
@@ -308,6 +310,7 @@ class TemperatureFitter:
         self._labels: list[torch.Tensor] = []
         self._regions: list[torch.Tensor] = []  # 1 = near the predicted foreground (with foreground_margin)
         self._count = 0
+        self.num_volumes = 0
 
     def update(self, logits: torch.Tensor, target: torch.Tensor) -> None:
         """Add volumes: logits ``B,C,*spatial`` (before softmax), labels ``B,1,*spatial`` or one-hot."""
@@ -317,6 +320,7 @@ class TemperatureFitter:
         labels = labels_from_target(as_tensor(target).to(logits.device), logits, self.num_classes, self.ignore_index)
         if not bool(torch.isfinite(logits).all()):
             raise ValueError("logits contain NaN or Inf.")
+        self.num_volumes += logits.shape[0]
         for b in range(logits.shape[0]):
             z = logits[b].reshape(self.num_classes, -1)
             y = labels[b].reshape(-1)

@@ -64,10 +64,14 @@ def check_datalist(
     label_key: str = "label",
     atol: float = 1e-3,
     label_values: Sequence[int] | None = None,
+    name: str = "datalist",
 ) -> int:
     """Check every case before training: files exist and load, image and label agree in shape and affine,
     label values are integers in ``[0, num_classes)``, or among ``label_values`` when the files use a raw
     labelling that a transform maps later (BraTS 0/1/2/4). Reads headers and labels only once per case.
+
+    Args:
+        name: what ``items`` are, for the messages (e.g. ``"validation datalist"``).
 
     Returns:
         the number of cases checked.
@@ -76,7 +80,9 @@ def check_datalist(
         ValueError: on the first bad case, naming it and the problem.
     """
     if not items:
-        raise ValueError("the datalist is empty.")
+        raise ValueError(
+            f"the {name} is empty: give at least one case (in MONAI Label, label more images or change val_split)."
+        )
     for i, item in enumerate(items):
         case = item.get(label_key) or item.get(image_key) or f"item {i}"
         paths = {}

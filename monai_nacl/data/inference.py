@@ -8,6 +8,7 @@ from pathlib import Path
 
 from monai.data import IterableDataset
 from monai.transforms import apply_transform
+from torch.utils.data import get_worker_info
 
 __all__ = ["IMAGE_SUFFIXES", "image_datalist", "InferenceDataset"]
 
@@ -66,6 +67,11 @@ class InferenceDataset(IterableDataset):
         self.done = 0
 
     def __iter__(self) -> Iterator:
+        if get_worker_info() is not None:
+            raise RuntimeError(
+                "InferenceDataset must be read with num_workers=0: worker processes would each yield every item and "
+                "keep the failures to themselves."
+            )
         self.failures, self.done = [], 0
         for item in self.data:
             name = str(item.get(self.name_key, item)) if isinstance(item, dict) else str(item)

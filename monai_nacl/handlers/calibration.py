@@ -175,6 +175,8 @@ class TemperatureFitHandler:
             raise ValueError(
                 f"network must be a monai_nacl.calibration.TemperatureScaled, got {type(network).__name__}."
             )
+        # the fit takes the network's form: one T, two (foreground_margin), or one per class
+        fitter_kwargs.setdefault("per_class", network.foreground_margin is None and network.temperature.numel() > 1)
         margin = fitter_kwargs.setdefault("foreground_margin", network.foreground_margin)
         if margin != network.foreground_margin:
             raise ValueError(
@@ -220,7 +222,7 @@ class TemperatureFitHandler:
                 foreground_margin=self.network.foreground_margin,
                 mask=self.fitter.mask,
                 voxels=self.fitter.num_voxels,
-                volumes=int(engine.state.iteration),
+                volumes=self.fitter.num_volumes,
                 sample_nll={"before": before["nll"], "after": after["nll"]},
                 sample_ece={"before": before["ece"], "after": after["ece"]},
             )

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import logging
 import re
+import warnings
 from pathlib import Path
 
 import ignite.distributed as idist
 import torch
 from ignite.engine import Engine, Events
 from ignite.handlers import Checkpoint, DiskSaver
+
+from monai_nacl.calibration.temperature import StaleTemperatureWarning
 
 __all__ = ["ResumableCheckpoint", "latest_checkpoint"]
 
@@ -40,7 +43,7 @@ class ResumableCheckpoint:
     :class:`~monai_nacl.handlers.CalibratedModelSaver` and its best metric). When the run completes its checkpoints
     are deleted: the product of a finished run is its model, and the next run (or fine-tune) starts afresh.
 
-    Keep ``save_dir`` apart from the model folder (the bundles use ``checkpoints/``): tools that list models, such
+    Keep ``save_dir`` apart from the model folder (the bundles use ``<ckpt_dir>_resume``, e.g. ``models_resume/``): tools that list models, such
     as MONAI Label, would otherwise offer the checkpoints as models.
 
     The configured run wins over the checkpoint: ``max_epochs`` and the schedule length of LR schedulers in
@@ -109,7 +112,11 @@ class ResumableCheckpoint:
             raise ValueError(
                 f"cannot resume from {path} ({type(e).__name__}: {e}); delete it to start the run afresh."
             ) from e
-        Checkpoint.load_objects(to_load=to_load, checkpoint=checkpoint)
+        with warnings.catch_warnings():
+            # the live network of a fine-tune keeps the fingerprint of the weights it started from: training state,
+            # not a served model, so no StaleTemperatureWarning
+            warnings.simplefilter("ignore", StaleTemperatureWarning)
+            Checkpoint.load_objects(to_load=to_load, checkpoint=checkpoint)
         done = int(engine.state.epoch)
         engine.state.max_epochs = max_epochs  # the configured length wins, e.g. to extend an interrupted run
         for name, attrs in lengths.items():

@@ -73,6 +73,8 @@ class CalibratedModelSaver:
                 f"network must be a monai_nacl.calibration.TemperatureScaled, got {type(module).__name__}: only a "
                 "network with a temperature can be saved calibrated."
             )
+        # the fit takes the network's form: one T, two (foreground_margin), or one per class
+        fitter_kwargs.setdefault("per_class", module.foreground_margin is None and module.temperature.numel() > 1)
         margin = fitter_kwargs.setdefault("foreground_margin", module.foreground_margin)
         if margin != module.foreground_margin:
             raise ValueError(
@@ -90,6 +92,16 @@ class CalibratedModelSaver:
         engine.add_event_handler(Events.EPOCH_STARTED, lambda _: self.fitter.reset())
         engine.add_event_handler(Events.ITERATION_COMPLETED, self._collect)
         engine.add_event_handler(Events.EPOCH_COMPLETED, self._maybe_save)
+
+    def check_saved(self) -> None:
+        """Raise ``RuntimeError`` when no model was saved (on rank 0): no validation pass saw a case, or the key
+        metric was NaN every time. The bundles call it after training, so such a run fails instead of ending
+        with exit 0 and no model."""
+        if idist.get_rank() == 0 and self.best_metric is None:
+            raise RuntimeError(
+                f"no model was saved to {self.path}: no validation pass produced a key metric (empty validation "
+                "data, or a NaN metric every time, e.g. no foreground in any validation case)."
+            )
 
     def state_dict(self) -> dict:
         return {"best_metric": self.best_metric, "best_epoch": self.best_epoch}

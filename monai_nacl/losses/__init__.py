@@ -13,10 +13,12 @@ from monai_nacl.losses.baselines import (
     MbLSLoss,
     SVLSLoss,
 )
+from monai_nacl.losses.deep_supervision import DeepSupervisionLoss
 from monai_nacl.losses.nacl import NACLLoss
 
 __all__ = [
     "NACLLoss",
+    "DeepSupervisionLoss",
     "CrossEntropyLoss",
     "DiceCELoss",
     "ECPLoss",

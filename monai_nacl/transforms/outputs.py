@@ -22,6 +22,15 @@ logger = logging.getLogger(__name__)
 OUTPUT_KINDS = ("segmentation", "probabilities", "entropy")
 
 
+def _stem(path: str) -> str:
+    """The file name without its image suffix, as ``SaveImaged`` names outputs (``a.b.nii.gz`` -> ``a.b``)."""
+    name = Path(path).name
+    for suffix in (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd"):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return Path(name).stem
+
+
 def _spacing(x: torch.Tensor) -> list[float]:
     if isinstance(x, MetaTensor):
         return [float(s) for s in affine_to_spacing(x.affine, r=x.ndim - 1)]
@@ -90,7 +99,7 @@ class StructureSummaryd(MapTransform):
         result.update(summary)
         d[self.output_key] = result
         if self.output_dir is not None:
-            stem = Path(str(source)).name.split(".")[0] if source else "case"
+            stem = _stem(str(source)) if source else "case"
             self.output_dir.mkdir(parents=True, exist_ok=True)
             path = self.output_dir / f"{stem}_summary.json"
             path.write_text(json.dumps(summary, indent=4) + "\n")

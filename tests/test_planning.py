@@ -1,0 +1,84 @@
+"""DynUNet plans from a dataset fingerprint (nnU-Net's rules), and the deep-supervision loss."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import HIPPOCAMPUS
+
+from monai_nacl.losses import DeepSupervisionLoss, DiceCELoss, NACLLoss
+from monai_nacl.planning import dataset_fingerprint, plan_dynunet
+
+ROOT = Path(__file__).resolve().parents[1]
+HIPPO_BUNDLE = ROOT / "bundles" / "hippocampus_mri_nacl_segmentation"
+
+
+def test_isotropic_plan():
+    plan = plan_dynunet([1.0, 1.0, 1.0], [35, 50, 36])
+    assert plan["patch_size"] == [40, 56, 40]  # the median image, rounded up to the total stride 8
+    assert plan["strides"] == [[1, 1, 1]] + [[2, 2, 2]] * 3
+    assert plan["kernel_size"] == [[3, 3, 3]] * 4 and plan["upsample_kernel_size"] == plan["strides"][1:]
+    assert plan["filters"] == [32, 64, 128, 256]
+
+
+def test_anisotropic_plan_keeps_the_coarse_axis_until_it_catches_up():
+    plan = plan_dynunet([0.625, 0.625, 3.6], [320, 320, 20])
+    assert plan["kernel_size"][0] == [3, 3, 1] and plan["strides"][1] == [2, 2, 1]
+    spacing = [0.625, 0.625, 3.6]
+    for stride, kernel in zip(plan["strides"], plan["kernel_size"]):
+        spacing = [s * st for s, st in zip(spacing, stride)]  # the spacing at this level
+        assert kernel[2] == (1 if spacing[2] > 2 * min(spacing) else 3)
+    for axis in range(3):
+        total = math.prod(s[axis] for s in plan["strides"])
+        assert plan["patch_size"][axis] % total == 0
+        assert plan["patch_size"][axis] / total >= 2  # feature maps stay at least min_feature_size / 2
+    assert math.prod(plan["patch_size"]) <= 128**3
+
+
+def test_patch_budget_and_bad_input():
+    plan = plan_dynunet([1.0, 1.0, 1.0], [300, 300, 300], max_patch_voxels=96**3)
+    assert math.prod(plan["patch_size"]) <= 96**3 * 1.2 and len(plan["strides"]) <= 6
+    with pytest.raises(ValueError, match="same length"):
+        plan_dynunet([1.0, 1.0], [10, 10, 10])
+    with pytest.raises(ValueError, match="positive"):
+        plan_dynunet([1.0, 0.0, 1.0], [10, 10, 10])
+    with pytest.raises(ValueError, match="no cases"):
+        dataset_fingerprint([])
+
+
+@pytest.mark.skipif(not (HIPPOCAMPUS / "dataset.json").is_file(), reason=f"MSD Task04 Hippocampus not at {HIPPOCAMPUS}")
+def test_the_shipped_recipe_is_the_plan_of_its_training_data():
+    from monai_nacl.data import load_datalist
+
+    training = load_datalist(HIPPO_BUNDLE / "configs" / "datalist.json", HIPPOCAMPUS)["training"]
+    fingerprint = dataset_fingerprint(training)
+    assert fingerprint["cases"] == 140 and fingerprint["median_spacing"] == [1.0, 1.0, 1.0]
+    stored = json.loads((HIPPO_BUNDLE / "configs" / "dynunet.json").read_text())["plan"]
+    assert stored == plan_dynunet(fingerprint["median_spacing"], fingerprint["median_shape"])
+
+
+def test_deep_supervision_loss_weights_every_head_with_the_prior():
+    torch.manual_seed(0)
+    y = torch.randint(0, 3, (2, 1, 8, 8, 8))
+    heads = torch.randn(2, 3, 3, 8, 8, 8)
+    nacl = NACLLoss(num_classes=3)
+    prior = nacl.prior(y)
+    loss = DeepSupervisionLoss(nacl)
+    expected = sum(w * nacl(heads[:, i], y, prior) for i, w in enumerate([4 / 7, 2 / 7, 1 / 7]))
+    loss.use_prior_once(prior)
+    torch.testing.assert_close(loss(heads, y), expected)
+    # a plain output passes through; a list of heads works too
+    torch.testing.assert_close(loss(heads[:, 0], y), nacl(heads[:, 0], y))
+    torch.testing.assert_close(
+        DeepSupervisionLoss(nacl, weights=[1, 0, 0])(list(heads.unbind(1)), y), nacl(heads[:, 0], y)
+    )
+    with pytest.raises(ValueError, match="3 deep-supervision heads, weights has 2"):
+        DeepSupervisionLoss(nacl, weights=[1, 1])(heads, y)
+    with pytest.raises(ValueError, match="takes no prior"):
+        DeepSupervisionLoss(DiceCELoss(num_classes=3))(heads, y, prior)
+    with pytest.raises(ValueError, match="positive sum"):
+        DeepSupervisionLoss(nacl, weights=[0, 0])

@@ -1,0 +1,156 @@
+"""Train both Hippocampus models with the DynUNet recipe on one GPU, then run the CUDA tests and benchmarks.
+
+One prepared command for a session that has a GPU (H100/H200) for a few minutes; everything it makes goes to
+``--out`` (weights, logs, timings, test and benchmark output), and calibration, evaluation and shipping then
+happen on CPU from those weights::
+
+    python tools/gpu_hippocampus.py --out $OUT --data ../shared/data/hippocampus --minutes 8
+
+Steps: ``nvidia-smi`` and torch facts; a 2-epoch probe of each model to time an epoch; both models (NACL and
+CE+Dice, same seed) trained at the same time with ``train.json + [train_dice_ce.json] + dynunet.json +
+train_dynunet.json``, ``max_epochs`` chosen so both finish within ``--minutes``; the CUDA tests; ``bench_loss``
+and ``bench_metrics`` on CUDA. Every step has a timeout and is logged; a failed step does not stop the next
+one, and the exit status is non-zero when any failed. ``--device cpu --epochs 1 --cases 4`` runs the same
+plumbing on CPU in about a minute (what ``tests/test_bundles.py`` does).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+BUNDLE = ROOT / "bundles" / "hippocampus_mri_nacl_segmentation"
+MODELS = {"nacl": [], "dice_ce": ["train_dice_ce.json"]}
+
+
+def log(out: Path, message: str) -> None:
+    line = f"[{time.strftime('%H:%M:%S')}] {message}"
+    print(line, flush=True)
+    with open(out / "gpu_hippocampus.log", "a") as f:
+        f.write(line + "\n")
+
+
+def bundle_command(model: str, run_dir: Path, args: argparse.Namespace, epochs: int, datalist: Path | None) -> list:
+    configs = ["train.json", *MODELS[model], "dynunet.json", "train_dynunet.json"]
+    files = "[" + ",".join(f"'{BUNDLE / 'configs' / c}'" for c in configs) + "]"
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", files, "--bundle_root", str(BUNDLE)]
+    cmd += ["--meta_file", str(BUNDLE / "configs" / "metadata.json"), "--dataset_dir", str(args.data)]
+    cmd += ["--ckpt_dir", str(run_dir / "models"), "--resume_dir", str(run_dir / "checkpoints")]
+    cmd += ["--output_dir", str(run_dir / "eval"), "--train#trainer#max_epochs", str(epochs)]
+    cmd += ["--device", f"$torch.device('{args.device}')"]
+    cmd += ["--train#dataloader#num_workers", str(args.workers), "--validate#dataloader#num_workers", "2"]
+    if datalist is not None:
+        cmd += ["--datalist#datalist_file", str(datalist)]
+    if args.val_interval:
+        cmd += ["--val_interval", str(args.val_interval)]
+    return cmd
+
+
+def run_step(out: Path, name: str, cmd: list, timeout: float, env: dict | None = None) -> bool:
+    log(out, f"{name}: {' '.join(map(str, cmd))[:400]}")
+    start = time.time()
+    with open(out / f"{name}.log", "w") as f:
+        try:
+            code = subprocess.run(
+                cmd, stdout=f, stderr=subprocess.STDOUT, timeout=timeout, env=env, cwd=ROOT
+            ).returncode
+        except subprocess.TimeoutExpired:
+            code = "timeout"
+    log(out, f"{name}: exit {code} after {time.time() - start:.0f} s (log {out / (name + '.log')})")
+    return code == 0
+
+
+def train_both(out: Path, tag: str, args: argparse.Namespace, epochs: int, datalist: Path | None, timeout: float):
+    """Train the two models at the same time; return {model: seconds} (None where it failed)."""
+    procs = {}
+    for model in MODELS:
+        run_dir = out / tag / model
+        run_dir.mkdir(parents=True, exist_ok=True)
+        cmd = bundle_command(model, run_dir, args, epochs, datalist)
+        log(out, f"{tag}/{model}: {epochs} epochs")
+        procs[model] = (subprocess.Popen(cmd, stdout=open(run_dir / "train.log", "w"), stderr=subprocess.STDOUT,
+                                         cwd=ROOT), time.time())  # fmt: skip
+    times = {}
+    for model, (proc, start) in procs.items():
+        try:
+            code = proc.wait(timeout=max(1.0, timeout - (time.time() - start)))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            code = "timeout"
+        ok = code == 0 and (out / tag / model / "models" / "model.pt").is_file()
+        times[model] = time.time() - start if ok else None
+        log(out, f"{tag}/{model}: exit {code}, {times[model] and round(times[model])} s")
+    return times
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "runs/gpu")))
+    ap.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "hippocampus")
+    ap.add_argument("--minutes", type=float, default=8.0, help="wall-clock budget for training both models")
+    ap.add_argument("--epochs", type=int, default=None, help="fixed epochs (skips the timing probe)")
+    ap.add_argument("--cases", type=int, default=None, help="use only this many training cases (plumbing checks)")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--workers", type=int, default=6)
+    ap.add_argument("--val-interval", type=int, default=None)
+    ap.add_argument("--skip-tests", action="store_true", help="skip the CUDA tests and benchmarks")
+    args = ap.parse_args(argv)
+    out = args.out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    if not (args.data / "dataset.json").is_file():
+        ap.error(f"--data {args.data} holds no MSD Task04 dataset.json")
+    import torch
+
+    facts = {"torch": torch.__version__, "cuda": torch.cuda.is_available(), "python": sys.version.split()[0]}
+    if torch.cuda.is_available():
+        facts["gpu"] = torch.cuda.get_device_name(0)
+    (out / "facts.json").write_text(json.dumps(facts, indent=4))
+    log(out, f"facts: {facts}")
+    if args.device.startswith("cuda"):
+        run_step(out, "nvidia_smi", ["nvidia-smi"], 60)
+
+    datalist = None
+    if args.cases:
+        full = json.loads((BUNDLE / "configs" / "datalist.json").read_text())
+        full["training"] = full["training"][: args.cases]
+        full["validation"] = full["validation"][: max(1, args.cases // 4)]
+        datalist = out / "datalist_subset.json"
+        datalist.write_text(json.dumps(full, indent=4))
+
+    failed = []
+    budget = args.minutes * 60
+    epochs = args.epochs
+    if epochs is None:
+        probe = train_both(out, "probe", args, 2, datalist, timeout=budget / 2)
+        if None in probe.values():
+            failed.append("probe")
+            epochs = 0
+        else:
+            per_epoch = max(probe.values()) / 2  # an upper bound: includes start-up and two validations
+            epochs = int(max(10, min(1000, (budget - max(probe.values())) / per_epoch)))
+            log(out, f"probe: {per_epoch:.1f} s per epoch for the slower model -> {epochs} epochs")
+    if epochs:
+        times = train_both(out, "final", args, epochs, datalist, timeout=budget * 2)
+        failed += [f"final/{m}" for m, t in times.items() if t is None]
+        (out / "train_times.json").write_text(json.dumps({"epochs": epochs, "seconds": times}, indent=4))
+
+    if not args.skip_tests:
+        py = sys.executable
+        tests = ["tests/test_nacl_loss.py", "tests/test_transforms.py", "-k", "cuda", "-p", "no:xdist", "-q"]
+        if not run_step(out, "cuda_tests", [py, "-m", "pytest", *tests], 600):
+            failed.append("cuda_tests")
+        for bench in ("bench_loss", "bench_metrics"):
+            if not run_step(out, bench, [py, f"benchmarks/{bench}.py"], 600):
+                failed.append(bench)
+    log(out, f"done; failed steps: {failed or 'none'}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
