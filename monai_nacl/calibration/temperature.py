@@ -305,6 +305,28 @@ class TemperatureFitter:
         self.generator = torch.Generator().manual_seed(seed)
         self.reset()
 
+    @classmethod
+    def for_network(cls, network: nn.Module, num_classes: int, **kwargs) -> TemperatureFitter:
+        """A fitter of the form of ``network``'s temperature: one T, two (``foreground_margin``), or one per
+        class; ``kwargs`` as the constructor's.
+
+        Raises:
+            ValueError: ``network`` is not a :class:`TemperatureScaled`, or ``foreground_margin`` differs from it.
+        """
+        if not isinstance(network, TemperatureScaled):
+            raise ValueError(
+                f"network must be a monai_nacl.calibration.TemperatureScaled, got {type(network).__name__}: only a "
+                "network with a temperature can be calibrated."
+            )
+        kwargs.setdefault("per_class", network.foreground_margin is None and network.temperature.numel() > 1)
+        margin = kwargs.setdefault("foreground_margin", network.foreground_margin)
+        if margin != network.foreground_margin:
+            raise ValueError(
+                f"foreground_margin={margin} differs from the network's ({network.foreground_margin}): the fitted "
+                "temperatures would be applied to other voxels than they were fitted on."
+            )
+        return cls(num_classes, **kwargs)
+
     def reset(self) -> None:
         self._logits: list[torch.Tensor] = []
         self._labels: list[torch.Tensor] = []
@@ -345,6 +367,14 @@ class TemperatureFitter:
             keep = torch.randperm(z.shape[0], generator=self.generator)[: self.max_voxels]
             self._logits, self._labels, self._regions = [z[keep]], [y[keep]], [r[keep]]
             self._count = self.max_voxels
+
+    def update_batch(self, logits, target) -> None:
+        """:meth:`update` with a batch, or with the decollated lists of an ignite/MONAI engine's output."""
+        if isinstance(logits, (list, tuple)):
+            for z, y in zip(logits, target):
+                self.update(torch.as_tensor(z)[None], torch.as_tensor(y)[None])
+        else:
+            self.update(logits, target)
 
     def _sample(self, eligible: torch.Tensor) -> torch.Tensor:
         idx = torch.nonzero(eligible.cpu()).flatten()

@@ -171,20 +171,8 @@ class TemperatureFitHandler:
         save_path: str | Path | None = None,
         **fitter_kwargs,
     ) -> None:
-        if not isinstance(network, TemperatureScaled):
-            raise ValueError(
-                f"network must be a monai_nacl.calibration.TemperatureScaled, got {type(network).__name__}."
-            )
-        # the fit takes the network's form: one T, two (foreground_margin), or one per class
-        fitter_kwargs.setdefault("per_class", network.foreground_margin is None and network.temperature.numel() > 1)
-        margin = fitter_kwargs.setdefault("foreground_margin", network.foreground_margin)
-        if margin != network.foreground_margin:
-            raise ValueError(
-                f"foreground_margin={margin} differs from the network's ({network.foreground_margin}): the fitted "
-                "temperatures would be applied to other voxels than they were fitted on."
-            )
+        self.fitter = TemperatureFitter.for_network(network, num_classes, **fitter_kwargs)
         self.network, self.output_transform, self.save_path = network, output_transform, save_path
-        self.fitter = TemperatureFitter(num_classes, **fitter_kwargs)
         self.fitted: torch.Tensor | None = None
 
     def attach(self, engine: Engine) -> None:
@@ -193,12 +181,7 @@ class TemperatureFitHandler:
         engine.add_event_handler(Events.EPOCH_COMPLETED, self._fit)
 
     def _collect(self, engine: Engine) -> None:
-        logits, labels = self.output_transform(engine.state.output)
-        if isinstance(logits, (list, tuple)):
-            for z, y in zip(logits, labels):
-                self.fitter.update(torch.as_tensor(z)[None], torch.as_tensor(y)[None])
-        else:
-            self.fitter.update(logits, labels)
+        self.fitter.update_batch(*self.output_transform(engine.state.output))
 
     def _fit(self, engine: Engine) -> None:
         correction = self.fitter.fit()

@@ -9,13 +9,13 @@ from pathlib import Path
 
 import ignite.distributed as idist
 import torch
+import torch.nn as nn
 from ignite.engine import Engine, Events
 from monai.handlers import from_engine
 
 from monai_nacl.calibration.record import save_calibrated
 from monai_nacl.calibration.temperature import (
     TemperatureFitter,
-    TemperatureScaled,
     compose_temperature,
     weights_fingerprint,
 )
@@ -67,24 +67,13 @@ class CalibratedModelSaver:
         higher_is_better: bool = True,
         **fitter_kwargs,
     ) -> None:
-        module = network.module if isinstance(getattr(network, "module", None), torch.nn.Module) else network
-        if not isinstance(module, TemperatureScaled):
-            raise ValueError(
-                f"network must be a monai_nacl.calibration.TemperatureScaled, got {type(module).__name__}: only a "
-                "network with a temperature can be saved calibrated."
-            )
-        # the fit takes the network's form: one T, two (foreground_margin), or one per class
-        fitter_kwargs.setdefault("per_class", module.foreground_margin is None and module.temperature.numel() > 1)
-        margin = fitter_kwargs.setdefault("foreground_margin", module.foreground_margin)
-        if margin != module.foreground_margin:
-            raise ValueError(
-                f"foreground_margin={margin} differs from the network's ({module.foreground_margin}): the fitted "
-                "temperatures would be applied to other voxels than they were fitted on."
-            )
+        module = (
+            network.module if isinstance(network, (nn.DataParallel, nn.parallel.DistributedDataParallel)) else network
+        )
+        self.fitter = TemperatureFitter.for_network(module, num_classes, **fitter_kwargs)
         self.path = Path(save_dir) / filename
         self.network, self.output_transform = module, output_transform
         self.metric_name, self.higher_is_better = metric_name, bool(higher_is_better)
-        self.fitter = TemperatureFitter(num_classes, **fitter_kwargs)
         self.best_metric: float | None = None
         self.best_epoch = 0
 
@@ -111,12 +100,7 @@ class CalibratedModelSaver:
         self.best_epoch = int(state.get("best_epoch", 0))
 
     def _collect(self, engine: Engine) -> None:
-        logits, labels = self.output_transform(engine.state.output)
-        if isinstance(logits, (list, tuple)):
-            for z, y in zip(logits, labels):
-                self.fitter.update(torch.as_tensor(z)[None], torch.as_tensor(y)[None])
-        else:
-            self.fitter.update(logits, labels)
+        self.fitter.update_batch(*self.output_transform(engine.state.output))
 
     def _improved(self, value: float) -> bool:
         if math.isnan(value):
