@@ -1,5 +1,6 @@
 """Ignite handlers for MONAI workflows and bundles."""
 
+from monai_nacl.handlers.alpha import AlphaSchedule
 from monai_nacl.handlers.calibration import (
     CalibrationHandler,
     ReliabilityDiagramHandler,
@@ -12,6 +13,7 @@ from monai_nacl.handlers.prior import PriorFromBatch
 from monai_nacl.handlers.validation import IntervalValidationHandler
 
 __all__ = [
+    "AlphaSchedule",
     "ResumableCheckpoint",
     "latest_checkpoint",
     "CalibratedModelSaver",

@@ -4,6 +4,7 @@ Bundle configs should name these by dotted path (``monai_nacl.losses.NACLLoss``)
 or ``DiceCELoss`` is ambiguous with MONAI's own classes.
 """
 
+from monai_nacl.losses.ace import HardL1ACELoss, SoftL1ACELoss, binned_calibration
 from monai_nacl.losses.baselines import (
     CrossEntropyLoss,
     DiceCELoss,
@@ -26,4 +27,7 @@ __all__ = [
     "LabelSmoothingLoss",
     "MbLSLoss",
     "SVLSLoss",
+    "HardL1ACELoss",
+    "SoftL1ACELoss",
+    "binned_calibration",
 ]
