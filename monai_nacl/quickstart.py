@@ -4,7 +4,8 @@
 ``bundles/phantom_nacl_segmentation`` through MONAI's ``ConfigWorkflow``: train.json (NACL, prior from the
 transform), calibrate.json (temperature fitted on the validation phantoms) and evaluate.json (test
 phantoms: Dice, HD95, ECE, class-wise ECE, NLL, Brier; reliability diagrams). Everything it writes goes to
-``--out``; the shipped model in the bundle is not touched. About two minutes on two CPU cores.
+``--out``; the shipped model in the bundle is not touched. About 1.5 minutes on two CPU cores (97 s measured);
+the training log has one line per epoch (the loss of its last iteration).
 """
 
 from __future__ import annotations

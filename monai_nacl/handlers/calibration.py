@@ -9,6 +9,7 @@ import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import ignite.distributed as idist
 import torch
 import torch.distributed as dist
 from ignite.engine import Engine, Events
@@ -23,10 +24,6 @@ from monai_nacl.visualize.reliability import plot_reliability
 __all__ = ["CalibrationHandler", "ReliabilityDiagramHandler", "TemperatureFitHandler", "atomic_save"]
 
 logger = logging.getLogger(__name__)
-
-
-def _is_rank0() -> bool:
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
 def atomic_save(obj, path: str | Path) -> Path:
@@ -138,7 +135,7 @@ class ReliabilityDiagramHandler:
     def __call__(self, engine: Engine) -> None:
         stats = self.calibration.metric.bin_statistics()
         result = self.calibration.compute()
-        if not _is_rank0():
+        if idist.get_rank() != 0:
             return
         stem = self.prefix + (f"_epoch{engine.state.epoch}" if self.per_epoch else "")
         png = plot_reliability(stats, self.output_dir / f"{stem}.png", self.class_names)
@@ -197,7 +194,7 @@ class TemperatureFitHandler:
             before["ece"],
             after["ece"],
         )
-        if self.save_path is not None and _is_rank0():
+        if self.save_path is not None and idist.get_rank() == 0:
             save_calibrated(
                 self.network.state_dict(),
                 self.save_path,
