@@ -272,7 +272,7 @@ def test_fitter_score_matches_calibration_metric(rng):
     metric = CalibrationMetric(3, mask="all")
     metric(torch.softmax(zs, 1).T.contiguous()[None], ys[None, None])
     expected = metric.aggregate("micro")["ece"]
-    assert fitter.score()["ece"] == pytest.approx(expected, abs=1e-12)
+    assert fitter.score()["ece"] == pytest.approx(expected, abs=1e-4)  # float32 confidences in the metric
     correction = fitter.fit()
     assert fitter.score(correction)["nll"] < fitter.score()["nll"]
     assert fitter.score(correction)["ece"] < fitter.score()["ece"]

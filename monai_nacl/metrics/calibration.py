@@ -122,8 +122,6 @@ class CalibrationMetric:
         ignore_index: label whose voxels never count.
         per_volume: keep each volume's metric values (a few floats per volume) for :meth:`get_per_volume`
             (per-case CSVs). The histograms themselves are never kept per volume.
-        sync: all-reduce the statistics across processes in :meth:`aggregate` when ``torch.distributed`` is
-            initialised; ``False`` for statistics that live on one rank only.
 
     Raises:
         ValueError: ``num_classes`` or ``num_bins`` not an integer (``num_bins=True`` and ``15.5`` included),
@@ -144,7 +142,6 @@ class CalibrationMetric:
         mask: str = "all",
         ignore_index: int | None = None,
         per_volume: bool = False,
-        sync: bool = True,
     ) -> None:
         num_classes = check_num_classes(num_classes)
         num_bins = check_integer(num_bins, "num_bins", minimum=1)
@@ -152,7 +149,6 @@ class CalibrationMetric:
             raise ValueError(f"mask must be 'all' or 'foreground', got {mask!r}.")
         self.num_classes, self.num_bins, self.mask = int(num_classes), num_bins, mask
         self.ignore_index, self.per_volume = check_ignore_index(ignore_index), per_volume
-        self.sync = bool(sync)
         self._buffers_key: tuple | None = None
         self.reset()
 
@@ -338,7 +334,7 @@ class CalibrationMetric:
     def _synced(self) -> tuple[BinStatistics, torch.Tensor, torch.Tensor]:
         stats = BinStatistics(self._pooled.top.clone(), self._pooled.ovr.clone(), self._pooled.scalars.clone())
         macro, counts = self._macro_sum.clone(), self._counts.clone()
-        if self.sync and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             flat = torch.cat([stats.top.flatten(), stats.ovr.flatten(), stats.scalars.flatten(), macro, counts])
             device = (
                 torch.device("cuda", torch.cuda.current_device())
