@@ -1,4 +1,5 @@
-"""Calibration metric update: time, extra peak memory and state size, ours vs MONAI's CalibrationErrorMetric.
+"""Calibration metric update: time, extra peak memory and state size, ours (uniform and adaptive bins) vs MONAI's
+CalibrationErrorMetric.
 
 Each measurement runs in a fresh subprocess so that the peak resident memory (``ru_maxrss``) of one
 method does not hide another's. "extra peak" is the growth of the peak RSS during the updates, after the
@@ -22,7 +23,7 @@ def _rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def worker(method: str, size: int, classes: int, repeats: int, mask: str) -> dict:
+def worker(method: str, size: int, classes: int, repeats: int, mask: str, binning: str = "uniform") -> dict:
     import torch
     import torch.nn.functional as F
 
@@ -32,7 +33,7 @@ def worker(method: str, size: int, classes: int, repeats: int, mask: str) -> dic
     if method == "ours":
         from monai_nacl.metrics import CalibrationMetric
 
-        metric = CalibrationMetric(classes, mask=mask)
+        metric = CalibrationMetric(classes, mask=mask, binning=binning)
 
         def step():
             metric(probs, labels)
@@ -73,28 +74,31 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=96)
     ap.add_argument("--classes", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=7)
-    ap.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
+    ap.add_argument("--worker", nargs=3, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
-        print(json.dumps(worker(args.worker[0], args.size, args.classes, args.repeats, args.worker[1])))
+        method, mask, binning = args.worker
+        print(json.dumps(worker(method, args.size, args.classes, args.repeats, mask, binning)))
         return
     import torch
 
     print(f"torch {torch.__version__}, {platform.machine()}, threads {torch.get_num_threads()}")
     print(f"update on probabilities 2x{args.classes}x{args.size}^3 float32 + labels, median of {args.repeats}")
     rows = {}
-    for method, mask in [("monai", "all"), ("ours", "all"), ("ours", "foreground")]:
+    cases = [("monai", "all", "uniform"), ("ours", "all", "uniform"), ("ours", "foreground", "uniform")]
+    for method, mask, binning in cases + [("ours", "all", "adaptive")]:
         cmd = [sys.executable, __file__, "--size", str(args.size), "--classes", str(args.classes)]
-        cmd += ["--repeats", str(args.repeats), "--worker", method, mask]
+        cmd += ["--repeats", str(args.repeats), "--worker", method, mask, binning]
         out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
-        rows[(method, mask)] = r = json.loads(out)
+        rows[(method, mask, binning)] = r = json.loads(out)
         name = "monai CalibrationErrorMetric (+one-hot)" if method == "monai" else f"ours, mask={mask}"
+        name += ", adaptive" if binning == "adaptive" else ""
         print(
             f"  {name:42s} {r['median_s'] * 1000:7.1f} ms (min {r['min_s'] * 1000:5.1f})   extra peak {r['extra_peak_mb']:6.1f} MB "
             f"(probabilities {r['probs_mb']:.0f} MB)   state elements after 1 / {args.repeats} updates: "
             f"{r['state_numel_after_1_and_n'][0]} / {r['state_numel_after_1_and_n'][1]}"
         )
-    speedup = rows[("monai", "all")]["median_s"] / rows[("ours", "all")]["median_s"]
+    speedup = rows[("monai", "all", "uniform")]["median_s"] / rows[("ours", "all", "uniform")]["median_s"]
     print(f"  speed-up (all voxels): {speedup:.2f}x")
 
 

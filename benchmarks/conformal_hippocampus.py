@@ -5,7 +5,8 @@ NACL, temperature-scaled with two temperatures; or ``models/model_dice_ce.pt``) 
 preprocessing (``train.json`` ``validate#preprocessing``) and sliding-window inferer on the 20 validation cases
 (the conformal calibration split) and the 40 test cases. For ``alpha`` in (0.1, 0.05), on softmax probabilities:
 
-* ``ConformalPredictionSets`` (LAC): voxel coverage and mean set size on the test split;
+* ``ConformalPredictionSets`` (LAC, case-level rank, argmax fallback): voxel coverage and mean set size on the test
+  split, and how many voxels keep only the argmax through the fallback;
 * ``ConformalRiskControl``: mean FNR of the outer mask and mean false-positive volume of the inner mask per
   structure, and how many voxels the masks add to / remove from the argmax segmentation;
 * ``ConformalVolumeIntervals``: coverage and mean width (mL) of the structure-volume intervals;
@@ -13,13 +14,17 @@ preprocessing (``train.json`` ``validate#preprocessing``) and sliding-window inf
 
 Everything is done twice, with the shipped temperatures and with the same weights at T = 1, to show what
 calibration changes (the guarantees hold for both; the tightness differs). Probabilities of the cases are kept in
-memory only.
+memory only. Also written to ``--out``: ``conformal_masks.png`` (inner/outer contours of the risk-controlled masks,
+alpha 0.1, on one test slice) and, with the shipped temperatures, ``model.conformal.json``: the record
+``calibrate.json``'s ``ConformalFitHandler`` writes for these weights (risk control and volume intervals for both
+alphas on the validation split), beside a copy of the weights it was checked against.
 
 Usage::
 
     python benchmarks/conformal_hippocampus.py                      # 20 + 40 cases, a few minutes on CPU
     python benchmarks/conformal_hippocampus.py --quick 3            # 3 + 3 cases (smoke test)
     python benchmarks/conformal_hippocampus.py --model model_dice_ce.pt
+    python benchmarks/conformal_hippocampus.py --figure docs/figures/conformal_hippocampus_masks.png
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import argparse
 import copy
 import json
 import math
+import shutil
 import statistics
 import sys
 import time
@@ -78,7 +84,15 @@ def infer_cases(networks: dict, preprocessing, inferer, items: list[dict], split
                 logits = inferer(torch.as_tensor(image)[None].float(), net)
                 probs[name] = torch.softmax(torch.as_tensor(logits).float(), 1)[0]
         y = torch.as_tensor(label).long()
-        cases.append({"name": Path(item["image"]).name, "probs": probs, "label": y, "spacing": spacing})
+        cases.append(
+            {
+                "name": Path(item["image"]).name,
+                "probs": probs,
+                "label": y,
+                "spacing": spacing,
+                "image": torch.as_tensor(image)[0].float(),
+            }
+        )
         shape = "x".join(str(s) for s in y.shape[1:])
         print(f"  {split} {i + 1}/{len(items)} {cases[-1]['name']} ({shape}) {time.time() - start:.2f} s", flush=True)
     return cases
@@ -88,8 +102,12 @@ def _mean(values: list[float]) -> float:
     return statistics.fmean(values) if values else math.nan
 
 
-def evaluate(calib: list[dict], test: list[dict], key: str, alpha: float) -> dict:
-    """Fit the three methods on ``calib`` with the probabilities ``key`` and measure them on ``test``."""
+def evaluate(calib: list[dict], test: list[dict], key: str, alpha: float) -> tuple[dict, list]:
+    """Fit the three methods on ``calib`` with the probabilities ``key`` and measure them on ``test``.
+
+    Returns:
+        the measurements, and the fitted ``[risk control, volume intervals]`` (what the bundle's record holds).
+    """
     from monai_nacl.conformal import ConformalPredictionSets, ConformalRiskControl, ConformalVolumeIntervals
 
     C = len(CLASS_NAMES)
@@ -105,7 +123,7 @@ def evaluate(calib: list[dict], test: list[dict], key: str, alpha: float) -> dic
     t_in, t_out = crc.fit(alpha)
     vq = vol.fit(alpha)
 
-    cov, size, cov_fg, size_fg, empty, multi = [], [], [], [], [], []
+    cov, size, cov_fg, size_fg, fallback, multi = [], [], [], [], [], []
     fnr = {c: [] for c in STRUCTURES}
     fpv = {c: [] for c in STRUCTURES}
     fnr_argmax = {c: [] for c in STRUCTURES}
@@ -117,6 +135,7 @@ def evaluate(calib: list[dict], test: list[dict], key: str, alpha: float) -> dic
     for case in test:
         p, y = case["probs"][key], case["label"][0]
         mask = sets.predict(p)  # C,*spatial
+        raw = (sets.scores(p[None])[0] <= q) if math.isfinite(q) else mask  # LAC: deterministic scores
         hit = mask.gather(0, y[None])[0]
         n_set = mask.sum(0)
         fg = y > 0
@@ -124,7 +143,7 @@ def evaluate(calib: list[dict], test: list[dict], key: str, alpha: float) -> dic
         size.append(float(n_set.float().mean()))
         cov_fg.append(float(hit[fg].float().mean()))
         size_fg.append(float(n_set[fg].float().mean()))
-        empty.append(float((n_set == 0).float().mean()))
+        fallback.append(float((raw.sum(0) == 0).float().mean()))  # sets that are the argmax only by the fallback
         multi.append(float((n_set > 1).float().mean()))
 
         inner, outer = crc.predict(p)
@@ -164,17 +183,17 @@ def evaluate(calib: list[dict], test: list[dict], key: str, alpha: float) -> dic
     return {
         "sets": {
             "threshold": float(q),
-            "n_scores": int(sets.n),
-            "num_volumes": int(sets.num_volumes),
+            "n_cases": int(sets.n),
+            "n_scores": int(sets.num_scores),
             "coverage": _mean(cov),
             "mean_set_size": _mean(size),
             "coverage_foreground": _mean(cov_fg),
             "mean_set_size_foreground": _mean(size_fg),
-            "empty_fraction": _mean(empty),
+            "fallback_fraction": _mean(fallback),
             "multi_fraction": _mean(multi),
         },
         "structures": structures,
-    }
+    }, [crc, vol]
 
 
 def naive_intervals(calib: list[dict], test: list[dict], key: str) -> dict:
@@ -215,7 +234,7 @@ def tables(result: dict) -> str:
     scalings = result["scalings"]
     lines = ["### Voxel prediction sets (LAC), test split", ""]
     lines += [
-        "| T | alpha | q | coverage | mean set size | coverage (fg) | set size (fg) | sets > 1 class | empty sets |",
+        "| T | alpha | q | coverage | mean set size | coverage (fg) | set size (fg) | sets > 1 class | argmax fallback |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for t, label in scalings.items():
@@ -224,7 +243,7 @@ def tables(result: dict) -> str:
             lines.append(
                 f"| {label} | {alpha} | {_f(s['threshold'], 4)} | {_f(s['coverage'], 4)} | {_f(s['mean_set_size'])} | "
                 f"{_f(s['coverage_foreground'], 4)} | {_f(s['mean_set_size_foreground'])} | "
-                f"{_f(s['multi_fraction'], 4)} | {_f(s['empty_fraction'], 4)} |"
+                f"{_f(s['multi_fraction'], 4)} | {_f(s['fallback_fraction'], 4)} |"
             )
     lines += ["", "### Risk-controlled masks per structure, test split (mean over cases)", ""]
     lines += [
@@ -279,6 +298,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--out", type=Path, default=REPO / "runs" / "conformal_hippocampus")
     p.add_argument("--quick", type=int, default=0, metavar="N", help="only N validation and N test cases")
     p.add_argument("--model", default="model.pt", choices=("model.pt", "model_dice_ce.pt"))
+    p.add_argument("--figure", type=Path, default=None, help="PNG of the masks (default: OUT/conformal_masks.png)")
     args = p.parse_args(argv)
     if not (args.data / "dataset.json").is_file():
         raise SystemExit(f"no MSD Task04 dataset.json under {args.data} (set --data)")
@@ -306,8 +326,11 @@ def main(argv: list[str] | None = None) -> dict:
         "alphas": list(ALPHAS),
         "scalings": scalings,
     }
+    fitted: dict = {}
     for key in networks:
-        result[key] = {str(alpha): evaluate(calib, cases, key, alpha) for alpha in ALPHAS}
+        result[key] = {}
+        for alpha in ALPHAS:
+            result[key][str(alpha)], fitted[key, alpha] = evaluate(calib, cases, key, alpha)
     # the argmax is the same at every temperature (one T per voxel), so the naive baseline is too
     result["naive"] = naive_intervals(calib, cases, "calibrated")
     result["seconds"] = {"inference": t_infer, "total": time.time() - t0}
@@ -320,7 +343,80 @@ def main(argv: list[str] | None = None) -> dict:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "result.json").write_text(json.dumps(_jsonable(result), indent=1, allow_nan=False))
     (args.out / "tables.md").write_text(text)
+    crc, _ = fitted["calibrated", ALPHAS[0]]
+    figure = plot_masks(cases, crc, args.figure or args.out / "conformal_masks.png")
+    print(f"wrote {figure}")
+    record = write_record(network, args.model, args.out, [f for alpha in ALPHAS for f in fitted["calibrated", alpha]])
+    print(f"wrote {record}")
     return result
+
+
+def write_record(network, model: str, out: Path, fits: list) -> Path:
+    """The conformal record of the shipped weights (calibrated temperatures), beside a copy of them in ``out``."""
+    from monai_nacl.calibration import weights_fingerprint
+    from monai_nacl.conformal import conformal_record_path, save_conformal
+
+    weights = out / model
+    shutil.copyfile(BUNDLE / "models" / model, weights)
+    save_conformal(
+        weights,
+        fits,
+        weights_fingerprint(network),
+        network.temperature,
+        fitted_by="benchmarks/conformal_hippocampus.py",
+        cases=fits[0].n[1],
+        data="validation split of configs/datalist.json (MSD Task04)",
+    )
+    return conformal_record_path(weights)
+
+
+def plot_masks(cases: list[dict], crc, path: Path) -> Path:
+    """Inner (solid) and outer (dashed) risk-controlled contours, the argmax segmentation (dotted) and the ground
+    truth (filled, translucent) on the axial slice with the largest true hippocampus area of the median-size test
+    case."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sizes = [int((case["label"] > 0).sum()) for case in cases]
+    case = cases[sorted(range(len(cases)), key=sizes.__getitem__)[len(cases) // 2]]
+    p, y = case["probs"]["calibrated"], case["label"][0]
+    inner, outer = crc.predict(p)
+    z = int((y > 0).flatten(0, 1).sum(0).argmax())
+    fig, axes = plt.subplots(1, 2, figsize=(9, 4.8), dpi=120)
+    colours = {1: "tab:orange", 2: "tab:cyan"}
+    for ax, c in zip(axes, STRUCTURES):
+        ax.imshow(case["image"][:, :, z].T.numpy(), cmap="gray", origin="lower", interpolation="nearest")
+        truth = (y[:, :, z] == c).float().T
+        ax.imshow(
+            torch.where(truth > 0, 1.0, float("nan")).numpy(),
+            cmap="Greens",
+            alpha=0.35,
+            vmin=0,
+            vmax=1.5,
+            origin="lower",
+        )
+        for mask, style, width in ((outer[c], "--", 1.6), (inner[c], "-", 1.6), (p.argmax(0) == c, ":", 1.2)):
+            m = mask[:, :, z].float().T
+            if bool(m.any()):
+                ax.contour(m.numpy(), levels=[0.5], colors=colours[c], linestyles=style, linewidths=width)
+        ax.set_title(
+            f"{CLASS_NAMES[c]}: inner t_in={float(crc.inner_threshold[c]):.2f} (solid), "
+            f"outer t_out={float(crc.outer_threshold[c]):.2f} (dashed)",
+            fontsize=8,
+        )
+        ax.set_axis_off()
+    fig.suptitle(
+        f"{case['name']}, slice {z}: risk-controlled masks, alpha {crc.alpha} (n = {crc.n[1]} calibration cases); "
+        "dotted: argmax, green: ground truth",
+        fontsize=8,
+    )
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Offline Model Zoo-equivalent checks for the bundles in ``bundles/``.
 
-Run ``python -m monai_nacl.bundle_check [BUNDLE ...]`` (default: every ``bundles/*_segmentation``). For each
+Run ``python -m monai_nacl.bundle_check [BUNDLE ...]`` with bundle folders (default: every ``bundles/*_segmentation``
+of the repository, or, installed from a wheel, the bundles shipped in the package). For each
 bundle it checks the zoo's file layout, validates ``configs/metadata.json`` against both metadata schemas
 (offline copies shipped in ``monai_nacl/schemas``, copied into ``<bundle>/eval/`` at check time), that
 ``ConfigWorkflow.check_properties()`` is empty for train and infer, the ids MONAI Label reads, that
@@ -37,7 +38,25 @@ SCHEMAS = {
     "meta_schema_20240725.json": "06954cad2cc5d3784e72077ac76f0fc8",
 }
 MONAI_LABEL_IDS = ("network", "network_def", "train#dataset#data", "validate#dataset#data")
-ROOT = Path(__file__).resolve().parents[1]
+# the bundles shipped inside the package (a wheel), then those of the repository (a source checkout)
+PACKAGED_BUNDLES = Path(__file__).resolve().parent / "_bundles"
+REPO_BUNDLES = Path(__file__).resolve().parents[1] / "bundles"
+
+
+def find_bundle(name: str) -> Path:
+    """The folder of bundle ``name``: the copy shipped in the installed package, else ``bundles/<name>`` of the
+    repository this package runs from.
+
+    Raises:
+        FileNotFoundError: neither holds ``<name>/configs/metadata.json``; the message names both places.
+    """
+    for base in (PACKAGED_BUNDLES, REPO_BUNDLES):
+        if (base / name / "configs" / "metadata.json").is_file():
+            return base / name
+    raise FileNotFoundError(
+        f"bundle {name!r} not found in {PACKAGED_BUNDLES} (installed package) or {REPO_BUNDLES} (repository); "
+        "pass the bundle folder instead."
+    )
 
 
 def default_schema_dir() -> Path:
@@ -125,6 +144,7 @@ def check_bundle(
         except Exception as e:
             problems.append(f"models/model.pt does not load with weights_only=True: {e}")
         from monai_nacl.calibration import check_calibration_record
+        from monai_nacl.conformal import check_conformal_record, conformal_record_path
 
         # every shipped model carries a temperature fitted for its own weights, and the record that says so
         for shipped in sorted((bundle / "models").glob("*.pt")):
@@ -132,6 +152,9 @@ def check_bundle(
                 problems += [f"calibration: {p}" for p in check_calibration_record(shipped)]
             except ValueError as e:
                 problems.append(f"calibration: {e}")
+            # a conformal record is optional, but one that ships must belong to these weights and temperatures
+            if conformal_record_path(shipped).is_file():
+                problems += [f"conformal: {p}" for p in check_conformal_record(shipped)]
     else:
         # bundles that ship configs only (no trained weights yet): export a freshly initialised network instead
         parser = ConfigParser()
@@ -170,12 +193,17 @@ def check_bundle(
 
 
 def all_bundles() -> list[Path]:
-    return sorted(p for p in (ROOT / "bundles").glob("*_segmentation") if p.is_dir())
+    """Every ``*_segmentation`` bundle shipped in the installed package, else every one of the repository."""
+    for base in (PACKAGED_BUNDLES, REPO_BUNDLES):
+        found = sorted(p for p in base.glob("*_segmentation") if (p / "configs" / "metadata.json").is_file())
+        if found:
+            return found
+    return []
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("bundles", nargs="*", type=Path, help="bundle folders (default: bundles/*_segmentation)")
+    ap.add_argument("bundles", nargs="*", type=Path, help="bundle folders (default: bundles/*_segmentation, see above)")
     ap.add_argument("--schema-dir", type=Path, default=None)
     ap.add_argument("--no-export", action="store_true", help="skip ckpt_export (TorchScript)")
     ap.add_argument(
@@ -187,8 +215,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = ap.parse_args(argv)
     data = dict(item.split("=", 1) for item in args.dataset_dir)
+    bundles = args.bundles or all_bundles()
+    if not bundles:
+        ap.error(f"no bundles found in {REPO_BUNDLES} or {PACKAGED_BUNDLES}: give the bundle folders to check")
     failed = 0
-    for bundle in args.bundles or all_bundles():
+    for bundle in bundles:
         problems = check_bundle(bundle, args.schema_dir, export=not args.no_export, dataset_dir=data.get(bundle.name))
         print(f"{'FAIL' if problems else 'ok  '} {bundle}")
         for p in problems:

@@ -34,6 +34,7 @@ __all__ = [
     "check_kernel_size",
     "check_sigma",
     "ensure_kernel_size",
+    "ensure_sigma",
     "kernel_size_from_spacing",
     "sigma_from_spacing",
     "dense_kernel",
@@ -156,7 +157,13 @@ def check_sigma(sigma: object, name: str = "sigma") -> float | tuple[float, ...]
     return check_number(value, name, minimum=0.0, exclusive_minimum=True)
 
 
-def _ensure_sigma(sigma: float | Sequence[float], spatial_dims: int) -> tuple[float, ...]:
+def ensure_sigma(sigma: float | Sequence[float], spatial_dims: int) -> tuple[float, ...]:
+    """One Gaussian sigma per spatial axis: a single value is repeated, a sequence must have ``spatial_dims`` entries.
+
+    Raises:
+        ValueError: a value :func:`check_sigma` rejects, or a sequence of another length (the message names
+            ``sigma``, the expected count and the values).
+    """
     checked = check_sigma(sigma)
     sig = (checked,) * spatial_dims if isinstance(checked, float) else checked
     if len(sig) != spatial_dims:
@@ -200,7 +207,7 @@ def dense_kernel(
     if kernel == "mean":
         k = torch.ones(sizes, dtype=torch.float64)
         return k / k.sum()
-    w = _axis_weights(kernel, sizes, _ensure_sigma(sigma, spatial_dims))
+    w = _axis_weights(kernel, sizes, ensure_sigma(sigma, spatial_dims))
     k = w[0]
     for wa in w[1:]:
         k = k[..., None] * wa
@@ -295,7 +302,7 @@ def neighbor_prior(
     spatial_dims = labels.ndim - 2
     sizes = ensure_kernel_size(kernel_size, spatial_dims)
     radii = tuple(k // 2 for k in sizes)
-    weights = _axis_weights(kernel, sizes, _ensure_sigma(sigma, spatial_dims))
+    weights = _axis_weights(kernel, sizes, ensure_sigma(sigma, spatial_dims))
 
     codes = labels.to(torch.int16) if labels.dtype != torch.int16 else labels
     if ignore_index is not None:

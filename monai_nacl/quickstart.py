@@ -1,10 +1,12 @@
 """README command 1: train, calibrate and evaluate the quickstart bundle on synthetic phantoms.
 
-``python -m monai_nacl.quickstart [--out runs/quickstart] [--epochs 60]`` runs the bundle
-``bundles/phantom_nacl_segmentation`` through MONAI's ``ConfigWorkflow``: train.json (NACL, prior from the
+``python -m monai_nacl.quickstart [--out runs/quickstart] [--epochs 60] [--bundle PATH]`` runs the bundle
+``phantom_nacl_segmentation`` (by default the copy shipped in the installed package, or ``bundles/`` of the
+repository, see :func:`~monai_nacl.bundle_check.find_bundle`) through MONAI's ``ConfigWorkflow``: train.json
+(NACL, prior from the
 transform), calibrate.json (temperature fitted on the validation phantoms) and evaluate.json (test
 phantoms: Dice, HD95, ECE, class-wise ECE, NLL, Brier; reliability diagrams). Everything it writes goes to
-``--out``; the shipped model in the bundle is not touched. About 1.5 minutes on two CPU cores (97 s measured);
+``--out``; nothing is written into the bundle folder (it may be read-only), and its shipped model is not touched. About 1.5 minutes on two CPU cores (97 s measured);
 the training log has one line per epoch (the loss of its last iteration).
 """
 
@@ -18,17 +20,19 @@ from pathlib import Path
 
 from monai.bundle import ConfigWorkflow
 
-BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "phantom_nacl_segmentation"
+from monai_nacl.bundle_check import find_bundle
+
+BUNDLE_NAME = "phantom_nacl_segmentation"
 
 
-def _run(configs: list[str], override: dict) -> None:
-    files = [str(BUNDLE / "configs" / c) for c in configs]
+def _run(bundle: Path, configs: list[str], override: dict) -> None:
+    files = [str(bundle / "configs" / c) for c in configs]
     wf = ConfigWorkflow(
         config_file=files if len(files) > 1 else files[0],
-        meta_file=str(BUNDLE / "configs" / "metadata.json"),
-        logging_file=str(BUNDLE / "configs" / "logging.conf"),
+        meta_file=str(bundle / "configs" / "metadata.json"),
+        logging_file=str(bundle / "configs" / "logging.conf"),
         workflow_type="train",
-        bundle_root=str(BUNDLE),
+        bundle_root=str(bundle),
         **override,
     )
     wf.initialize()
@@ -41,9 +45,22 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     ap.add_argument("--out", type=Path, default=Path("runs/quickstart"))
     ap.add_argument("--epochs", type=int, default=60)
     ap.add_argument("--resume", action="store_true", help="continue a previous run in --out instead of restarting")
+    ap.add_argument(
+        "--bundle", type=Path, default=None, help=f"the {BUNDLE_NAME} bundle folder (default: found as described above)"
+    )
     args = ap.parse_args(argv)
     if args.epochs < 1:
         ap.error("--epochs must be >= 1")
+    if args.bundle is None:
+        try:
+            bundle = find_bundle(BUNDLE_NAME)
+        except FileNotFoundError as e:
+            ap.error(str(e))
+    elif not (args.bundle / "configs" / "train.json").is_file():
+        ap.error(f"--bundle {args.bundle}: no configs/train.json there (give the {BUNDLE_NAME} folder)")
+    else:
+        bundle = args.bundle.resolve()
+    print(f"== bundle {bundle}", flush=True)
     out = args.out.resolve()
     if out.exists() and not args.resume:
         shutil.rmtree(out / "models", ignore_errors=True)
@@ -62,7 +79,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     for name, configs in steps:
         t0 = time.perf_counter()
         print(f"== {name} ({' + '.join(configs)})", flush=True)
-        _run(configs, override)
+        _run(bundle, configs, override)
         print(f"== {name} done in {time.perf_counter() - t0:.0f} s", flush=True)
     with open(out / "eval" / "metrics.csv") as f:
         metrics = {row[0]: float(row[1]) for row in csv.reader(f) if row}

@@ -532,3 +532,21 @@ def test_dynunet_recipe_through_the_gpu_script_on_cpu(tmp_path):
     infer.finalize()
     seg = nib.load(tmp_path / "out" / (Path(image).name.replace(".nii.gz", "") + "_seg.nii.gz"))
     assert seg.shape == nib.load(image).shape
+
+
+@pytest.mark.parametrize("tta", [False, True])
+def test_dynunet_mirror_tta_option(tta):
+    from monai.inferers import SlidingWindowInferer
+
+    from monai_nacl.inferers import MirrorInferer
+
+    parser = ConfigParser()
+    parser.read_config([str(HIPPO_BUNDLE / "configs" / c) for c in ("inference.json", "dynunet.json")])
+    parser["bundle_root"] = str(HIPPO_BUNDLE)
+    parser["mirror_tta"] = tta
+    inferer = parser.get_parsed_content("inferer")
+    if tta:
+        assert isinstance(inferer, MirrorInferer) and isinstance(inferer.inferer, SlidingWindowInferer)
+        assert inferer.spatial_axes == (0, 1, 2)
+    else:
+        assert isinstance(inferer, SlidingWindowInferer) and inferer.mode == "gaussian"

@@ -17,6 +17,7 @@ from monai_nacl.conformal import (
     ConformalPredictionSets,
     ConformalRiskControl,
     ConformalVolumeIntervals,
+    case_conformal_quantile,
     conformal_quantile,
     conformal_quantile_index,
 )
@@ -63,21 +64,48 @@ def test_quantile_index_by_hand():
 
 
 def test_prediction_sets_threshold_by_hand():
-    # one 2-class volume of 10 voxels (spatial 10 x 1 x 1), label 1 everywhere: scores 1 - p_1.
+    # ten 2-class cases of one voxel each, label 1: scores 1 - p_1, the usual split-conformal quantile.
     p1 = torch.tensor([0.95, 0.9, 0.85, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2], dtype=torch.float64)
-    probs = torch.stack([1 - p1, p1]).view(1, 2, 10, 1, 1)
+    probs = torch.stack([1 - p1, p1], 1).view(10, 2, 1, 1, 1)
+    labels = torch.ones(10, 1, 1, 1, 1, dtype=torch.long)
     sets = ConformalPredictionSets(num_classes=2)
-    sets.update(probs, torch.ones(1, 1, 10, 1, 1, dtype=torch.long))
+    sets.update(probs, labels)
     q = sets.fit(0.25)  # ceil(11 * 0.75) = 9th smallest of {0.05, 0.1, ..., 0.8}: 0.7
-    assert q == pytest.approx(0.7)
+    assert q == pytest.approx(0.7) and sets.n == 10 and sets.num_scores == 10
     mask = sets.predict(probs)
-    assert torch.equal(mask[0, 1, :, 0, 0], 1 - p1 <= 0.7)
+    assert torch.equal(mask[:, 1, 0, 0, 0], 1 - p1 <= 0.7)
     assert sets.fit(0.05) == math.inf  # ceil(11 * 0.95) = 11 > 10
     assert bool(sets.predict(probs).all())
+    # the same ten voxels as ONE case: the rank counts cases, so n = 1 is too few for alpha 0.25
+    one = ConformalPredictionSets(num_classes=2)
+    one.update(probs.permute(1, 0, 2, 3, 4)[None, :, :, 0], labels.permute(1, 0, 2, 3, 4)[None, :, :, 0])
+    assert one.num_volumes == 1 and one.fit(0.25) == math.inf and one.n == 1 and one.num_scores == 10
+
+
+def test_case_quantile_by_hand():
+    g = torch.Generator().manual_seed(0)
+    scores = torch.rand(37, generator=g, dtype=torch.float64)
+    for alpha in (0.1, 0.05, 0.3):  # one score per case: the usual rank
+        assert case_conformal_quantile(list(scores[:, None]), alpha) == conformal_quantile(scores, alpha)
+    # 0.1 and 0.3 weigh 1/2 (case of two scores): cumulative 0.5, 1.5, 2, 3, 4 reaches (4 + 1)(1 - 0.4) = 3 at 0.4
+    cases = [torch.tensor([0.1, 0.3]), torch.tensor([0.2]), torch.tensor([0.4]), torch.tensor([0.5])]
+    cases = [c.double() for c in cases]
+    assert case_conformal_quantile(cases, 0.4) == pytest.approx(0.4)
+    assert case_conformal_quantile(cases, 0.6) == pytest.approx(0.3)  # (4 + 1)(1 - 0.6) = 2: cumulative 2 at 0.3
+    # nine cases at alpha 0.1: (9 + 1) 0.9 = 9 = n, so every voxel of every case must be covered: the maximum
+    nine = [torch.rand(50, generator=g, dtype=torch.float64) for _ in range(9)]
+    assert case_conformal_quantile(nine, 0.1) == float(torch.cat(nine).max())
+    assert case_conformal_quantile(nine[:8], 0.1) == math.inf  # (8 + 1) 0.9 = 8.1 > 8
+    with pytest.raises(ValueError, match="empty"):
+        case_conformal_quantile([], 0.1)
+    with pytest.raises(ValueError, match="case 1 has no"):
+        case_conformal_quantile([torch.ones(2), torch.ones(0)], 0.1)
+    with pytest.raises(ValueError, match="NaN"):
+        case_conformal_quantile([torch.tensor([math.nan])] * 30, 0.1)
 
 
 def test_aps_score_by_hand():
-    from monai_nacl.conformal import _aps_scores
+    from monai_nacl.conformal.methods import _aps_scores
 
     p = torch.tensor([0.3, 0.5, 0.2]).view(1, 3, 1, 1, 1)
     scores = _aps_scores(p, torch.full((1, 1, 1, 1, 1), 0.5))
@@ -95,12 +123,16 @@ def test_prediction_set_coverage(alpha, method):
         sets.update(p_cal[b : b + 8], y_cal[b : b + 8])
     assert sets.num_volumes == 40 and sets.calibration_scores().numel() == 2000
     sets.fit(alpha)
+    assert sets.n == 40 and sets.num_scores == 2000  # the rank counts the 40 cases
     mask = sets.predict(p_test)
     assert mask.shape == p_test.shape and mask.dtype == torch.bool
+    assert bool((mask.sum(1) >= 1).all())  # never empty
     covered = mask.gather(1, y_test).float()
     coverage, m = float(covered.mean()), covered.numel()
-    tol = _tolerance(alpha, sets.n, m)
-    print(f"{method} alpha={alpha}: coverage {coverage:.4f} (n={sets.n}, m={m}, tol {tol:.4f})")
+    # voxels are i.i.d. across cases here, so the sampling error is that of the voxels; the case-level correction
+    # targets a calibration mean of (n + 1)(1 - alpha) / n, at most 1/(n + 1) above 1 - alpha
+    tol = _tolerance(alpha, sets.num_scores, m)
+    print(f"{method} alpha={alpha}: coverage {coverage:.4f} (n={sets.n} cases, m={m}, tol {tol:.4f})")
     assert 1 - alpha - tol <= coverage <= 1 - alpha + 1 / (sets.n + 1) + tol
     # not trivially covered: sets are smaller than all classes
     assert float(mask.float().sum(1).mean()) < C - 0.5
@@ -263,6 +295,8 @@ def test_json_and_state_dict_round_trip(tmp_path):
         assert state["alpha"] == 0.1 and state["num_classes"] == C and state["class_names"] == obj.class_names
         assert "n" in state
         back = type(obj).from_json(text)
+        for key in type(obj)._tensor_keys:  # float64 survives JSON exactly
+            assert getattr(back, key).dtype == torch.float64 and torch.equal(getattr(back, key), getattr(obj, key))
         a, b = obj.predict(p), back.predict(p)
         for u, v in zip(a if isinstance(a, tuple) else (a,), b if isinstance(b, tuple) else (b,)):
             assert torch.equal(u, v)
@@ -280,3 +314,420 @@ def test_json_and_state_dict_round_trip(tmp_path):
         ConformalPredictionSets.from_json(objects[2].to_json())
     with pytest.raises(ValueError, match="num_classes"):
         ConformalRiskControl(2).load_state_dict(objects[2].state_dict())
+
+
+def test_prediction_sets_never_empty():
+    # confident calibration cases give a tiny q; uncertain test voxels then score above q for every class, and the
+    # set falls back to the argmax class alone
+    p_cal = torch.full((30, 3, 2, 2, 2), 0.005, dtype=torch.float64)
+    p_cal[:, 1] = 0.99
+    y_cal = torch.ones(30, 1, 2, 2, 2, dtype=torch.long)
+    p_test = torch.softmax(torch.randn(4, 3, 3, 3, 3, generator=torch.Generator().manual_seed(0)), 1)
+    for method in ("lac", "aps"):
+        sets = ConformalPredictionSets(3, method=method)
+        sets.update(p_cal, y_cal)
+        q = sets.fit(0.1)
+        raw = sets.scores(p_test, torch.Generator().manual_seed(sets.seed)) <= q
+        if method == "lac":  # q = 0.01: without the fallback some sets would be empty
+            assert bool((raw.sum(1) == 0).any())
+        mask = sets.predict(p_test)
+        assert bool((mask.sum(1) >= 1).all())
+        argmax = torch.nn.functional.one_hot(p_test.argmax(1), 3).movedim(-1, 1).bool()
+        assert torch.equal(mask, raw | argmax)
+
+
+def test_prediction_sets_case_level_guarantee():
+    """Cases differ (per-case miscalibration), so voxels are exchangeable only within a case. Over many random
+    calibration sets of 19 cases, the mean per-case coverage of a new case is still >= 1 - alpha."""
+    g = torch.Generator().manual_seed(12)
+    alpha, n_cal, reps = 0.1, 19, 150
+    coverage = []
+    for _ in range(reps):
+        gamma = torch._standard_gamma(torch.full((n_cal + 1, C, 5, 5, 5), 0.6), generator=g)
+        p = gamma / gamma.sum(1, keepdim=True)
+        # labels from a per-case tempered version of p: some cases over-, some under-confident
+        t = torch.exp(torch.randn(n_cal + 1, 1, 1, 1, 1, generator=g))
+        q = torch.softmax(torch.log(p.clamp_min(1e-12)) / t, 1)
+        y = torch.multinomial(q.movedim(1, -1).reshape(-1, C), 1, generator=g).reshape(n_cal + 1, 1, 5, 5, 5)
+        sets = ConformalPredictionSets(C, voxels_per_volume=125)
+        sets.update(p[:n_cal], y[:n_cal])
+        sets.fit(alpha)
+        coverage.append(float(sets.predict(p[n_cal:]).gather(1, y[n_cal:]).float().mean()))
+    mean = sum(coverage) / reps
+    se = float(torch.tensor(coverage).std()) / math.sqrt(reps)
+    print(f"mean per-case coverage {mean:.4f} (se {se:.4f})")
+    assert mean >= 1 - alpha - 3 * se
+    assert mean <= 1 - alpha + 1 / (n_cal + 1) + 0.03 + 3 * se  # not trivially everything (argmax adds a little)
+
+
+# -- the record beside the weights ---------------------------------------------------------------------------
+def _tiny_network(seed: int = 0):
+    from monai_nacl.calibration import TemperatureScaled
+
+    torch.manual_seed(seed)
+    net = TemperatureScaled(torch.nn.Conv3d(1, C, 3, padding=1), foreground_margin=1)
+    net.set_temperature(torch.tensor([0.8, 1.6]))
+    return net.eval()
+
+
+def _fitted(alpha: float = 0.2):
+    p, y = _dirichlet_cases(12, seed=13)
+    crc = ConformalRiskControl(C, bins=100, class_names=["background", "anterior", "posterior"])
+    vol = ConformalVolumeIntervals(C, class_names=["background", "anterior", "posterior"])
+    crc.update(p, y)
+    vol.update(p, y)
+    crc.fit(alpha)
+    vol.fit(alpha)
+    return p, crc, vol
+
+
+def test_conformal_record_round_trip_and_staleness(tmp_path):
+    from monai_nacl.calibration import save_calibrated, weights_fingerprint
+    from monai_nacl.conformal import (
+        StaleConformalWarning,
+        check_conformal_record,
+        conformal_record_path,
+        load_conformal,
+        read_conformal_record,
+        save_conformal,
+        warn_if_conformal_stale,
+    )
+
+    net = _tiny_network()
+    weights = tmp_path / "models" / "model.pt"
+    save_calibrated(net.state_dict(), weights)
+    p, crc, vol = _fitted(0.2)
+    _, crc2, _ = _fitted(0.1)
+    assert read_conformal_record(weights) is None
+    assert check_conformal_record(weights) == [f"{conformal_record_path(weights)}: missing"]
+    record = save_conformal(
+        weights, [crc, vol, crc2], weights_fingerprint(net), net.temperature, data="synthetic", cases=12
+    )
+    path = conformal_record_path(weights)
+    assert path == tmp_path / "models" / "model.conformal.json" and path.is_file()
+    on_disk = read_conformal_record(weights)
+    assert on_disk == record == read_conformal_record(path)
+    assert record["weights"] == "model.pt" and record["alphas"] == [0.2, 0.1] and record["data"] == "synthetic"
+    assert record["weights_fingerprint"] == f"{weights_fingerprint(net):016x}"
+    assert record["temperature"] == pytest.approx([0.8, 1.6])
+    assert record["class_names"] == ["background", "anterior", "posterior"] and record["num_classes"] == C
+    assert check_conformal_record(weights) == []
+    for fitted, kind, alpha in (
+        (crc, "risk_control", 0.2),
+        (crc2, "risk_control", 0.1),
+        (vol, "volume_intervals", None),
+    ):
+        back = load_conformal(weights, kind, alpha)
+        a, b = fitted.predict(p), back.predict(p)
+        for u, v in zip(a, b):
+            assert torch.equal(u, v)
+    with pytest.raises(ValueError, match=r"2 'risk_control' fits \(alpha \[0.2, 0.1\]\)"):
+        load_conformal(weights, "risk_control")
+    with pytest.raises(ValueError, match=r"no 'risk_control' fit for alpha=0.05; it has alpha \[0.2, 0.1\]"):
+        load_conformal(weights, "risk_control", 0.05)
+    with pytest.raises(ValueError, match="kind must be"):
+        load_conformal(weights, "sets", 0.1)
+    with pytest.raises(FileNotFoundError, match="calibrate.json"):
+        load_conformal(tmp_path / "other.pt", "risk_control", 0.1)
+
+    # new weights (fine-tuned) written beside the old record without save_calibrated: the record is stale
+    with torch.no_grad():
+        net.network.weight.add_(0.01)
+    net.set_temperature(torch.tensor([0.8, 1.6]))
+    torch.save(net.state_dict(), weights)
+    problems = check_conformal_record(weights)
+    assert len(problems) == 1 and "fitted for weights" in problems[0]
+    with pytest.warns(StaleConformalWarning, match="fitted for weights"):
+        assert warn_if_conformal_stale(weights) == problems
+    with pytest.raises(ValueError, match="does not belong to these weights"):
+        warn_if_conformal_stale(weights, strict=True)
+    # a stale record is never written: old fingerprint, or another temperature than the file holds
+    old = record["weights_fingerprint"]
+    with pytest.raises(ValueError, match="stale record is not written"):
+        save_conformal(weights, [crc], old, net.temperature)
+    with pytest.raises(ValueError, match="temperature"):
+        save_conformal(weights, [crc], weights_fingerprint(net), [1.0, 1.0])
+    assert read_conformal_record(weights)["weights_fingerprint"] == old  # untouched
+    save_conformal(weights, [crc], weights_fingerprint(net), net.temperature)
+    assert check_conformal_record(weights) == []
+    # another temperature written into the weights later
+    net.set_temperature(torch.tensor([1.1, 1.2]))
+    torch.save(net.state_dict(), weights)
+    assert ["temperature" in x for x in check_conformal_record(weights)] == [True]
+
+
+def test_save_conformal_bad_arguments(tmp_path):
+    from monai_nacl.calibration import save_calibrated, weights_fingerprint
+    from monai_nacl.conformal import read_conformal_record, save_conformal
+
+    net = _tiny_network()
+    weights = tmp_path / "model.pt"
+    _, crc, vol = _fitted()
+    fp = weights_fingerprint(net)
+    with pytest.raises(FileNotFoundError, match="model.pt"):
+        save_conformal(weights, [crc], fp)
+    save_calibrated(net.state_dict(), weights)
+    for bad in (0, -1, "xyz", "0" * 16, 1.5, None, True):
+        with pytest.raises(ValueError, match="weights_fingerprint"):
+            save_conformal(weights, [crc], bad)
+    with pytest.raises(ValueError, match="non-empty sequence"):
+        save_conformal(weights, [], fp)
+    with pytest.raises(ValueError, match="non-empty sequence"):
+        save_conformal(weights, crc, fp)
+    with pytest.raises(ValueError, match="not fitted"):
+        save_conformal(weights, [ConformalRiskControl(C)], fp)
+    with pytest.raises(ValueError, match="two 'risk_control' objects"):
+        save_conformal(weights, [crc, crc], fp)
+    with pytest.raises(ValueError, match="class counts"):
+        two = ConformalVolumeIntervals(2)
+        two.update(*_structure_cases(3, seed=1))
+        two.fit(0.5)
+        save_conformal(weights, [crc, two], fp)
+    with pytest.raises(ValueError, match="record's own keys"):
+        save_conformal(weights, [crc], fp, fits=[])
+    with pytest.raises(ValueError, match="temperature must be positive"):
+        save_conformal(weights, [crc], fp, temperature=[0.0])
+    assert read_conformal_record(weights) is None  # nothing written by a refused call
+    (tmp_path / "model.conformal.json").write_text("{not json")
+    with pytest.raises(ValueError, match="not a valid conformal record"):
+        read_conformal_record(weights)
+    # the fingerprint as hex text and without temperature are accepted
+    record = save_conformal(weights, [crc, vol], f"{fp:016x}")
+    assert record["temperature"] is None and record["alphas"] == [0.2]
+
+
+# -- bundle side: the fit handler on an evaluator, the inference transforms ----------------------------------------
+SPACING = (1.0, 1.0, 2.0)
+
+
+def _evaluator_cases(n: int, seed: int):
+    from monai.data import MetaTensor
+
+    g = torch.Generator().manual_seed(seed)
+    affine = torch.diag(torch.tensor([*SPACING, 1.0], dtype=torch.float64))
+    items = []
+    for i in range(n):
+        label = torch.zeros(1, 10, 10, 8)
+        r = int(torch.randint(2, 4, (1,), generator=g))
+        label[:, 5 - r : 5 + r, 5 - r : 5 + r, 2:6] = 1
+        label[:, 4:6, 4:6, 3 : 3 + r] = 2
+        image = label / 2 + 0.4 * torch.randn(label.shape, generator=g)
+        meta = {"filename_or_obj": f"case_{seed}_{i:02d}.nii.gz"}
+        items.append(
+            {
+                "image": MetaTensor(image, affine=affine, meta=dict(meta)),
+                "label": MetaTensor(label, affine=affine, meta=dict(meta)),
+            }
+        )
+    return items
+
+
+def _run_fit_handler(tmp_path, net, n=24, **kwargs):
+    from monai.data import DataLoader, Dataset
+    from monai.engines import SupervisedEvaluator
+    from monai.handlers import from_engine
+    from monai.transforms import Activationsd, Compose, CopyItemsd
+
+    from monai_nacl.handlers.conformal import ConformalFitHandler
+
+    post = Compose([Activationsd("pred", softmax=True), CopyItemsd(["pred", "label"], names=["prob", "label_index"])])
+    evaluator = SupervisedEvaluator(
+        device=torch.device("cpu"),
+        val_data_loader=DataLoader(Dataset(_evaluator_cases(n, seed=0)), batch_size=5),
+        network=net,
+        postprocessing=post,
+    )
+    handler = ConformalFitHandler(
+        net,
+        C,
+        alphas=[0.2, 0.1],
+        output_transform=from_engine(["prob", "label_index"]),
+        save_path=tmp_path / "model.pt",
+        class_names=["background", "anterior", "posterior"],
+        bins=200,
+        data="synthetic",
+        **kwargs,
+    )
+    handler.attach(evaluator)
+    return evaluator, handler
+
+
+def _direct_probs(net, items):
+    with torch.no_grad():
+        return [torch.softmax(net(item["image"][None].as_tensor()), 1)[0] for item in items]
+
+
+def test_conformal_fit_handler_writes_the_record(tmp_path):
+    from monai_nacl.calibration import save_calibrated, weights_fingerprint
+    from monai_nacl.conformal import check_conformal_record, load_conformal, read_conformal_record
+
+    net = _tiny_network()
+    save_calibrated(net.state_dict(), tmp_path / "model.pt")
+    evaluator, handler = _run_fit_handler(
+        tmp_path, net, methods=["risk_control", "volume_intervals", "prediction_sets"]
+    )
+    evaluator.run()
+    record = read_conformal_record(tmp_path / "model.pt")
+    assert record["fitted_by"] == "ConformalFitHandler" and record["cases"] == 24 and record["data"] == "synthetic"
+    assert record["alphas"] == [0.2, 0.1] and len(record["fits"]) == 6
+    assert record["weights_fingerprint"] == f"{weights_fingerprint(net):016x}"
+    assert record["temperature"] == pytest.approx([0.8, 1.6])
+    assert check_conformal_record(tmp_path / "model.pt") == []
+    # the handler's fits equal the methods fitted directly on the calibrated probabilities of the same cases
+    items = _evaluator_cases(24, seed=0)
+    probs = _direct_probs(net, items)
+    for alpha in (0.2, 0.1):
+        crc = ConformalRiskControl(C, bins=200)
+        vol = ConformalVolumeIntervals(C)
+        for p, item in zip(probs, items):
+            crc.update(p, item["label"].as_tensor())
+            vol.update(p, item["label"].as_tensor(), spacing=SPACING)
+        t_in, t_out = crc.fit(alpha)
+        got = load_conformal(record, "risk_control", alpha)
+        assert torch.equal(got.inner_threshold, t_in) and torch.equal(got.outer_threshold, t_out)
+        assert got.n == crc.n == [24, 24, 24]
+        assert torch.allclose(load_conformal(record, "volume_intervals", alpha).quantile, vol.fit(alpha), rtol=1e-5)
+        assert load_conformal(record, "prediction_sets", alpha).n == 24
+    # informative at alpha 0.2 with 24 cases: an outer threshold above 0 for the structures
+    assert bool((load_conformal(record, "risk_control", 0.2).outer_threshold[1:] > 0).all())
+
+
+def test_conformal_fit_handler_refuses_a_temperature_change(tmp_path):
+    from ignite.engine import Events
+
+    from monai_nacl.calibration import save_calibrated
+    from monai_nacl.conformal import read_conformal_record
+
+    net = _tiny_network()
+    save_calibrated(net.state_dict(), tmp_path / "model.pt")
+    evaluator, _ = _run_fit_handler(tmp_path, net, n=6)
+    # as if a TemperatureFitHandler on the same evaluator refitted T at the end of the pass
+    evaluator.add_event_handler(Events.EPOCH_COMPLETED, lambda _: net.set_temperature(torch.tensor([1.0, 1.0])))
+    with pytest.raises(ValueError, match="temperature changed during the conformal pass"):
+        evaluator.run()
+    assert read_conformal_record(tmp_path / "model.pt") is None
+
+
+def test_conformal_fit_handler_bad_arguments():
+    from monai_nacl.handlers.conformal import ConformalFitHandler
+
+    net = _tiny_network()
+    for alphas in ([], 0.1, [0.1, 0.1], [1.5], "0.1"):
+        with pytest.raises(ValueError, match="alpha"):
+            ConformalFitHandler(net, C, alphas=alphas)
+    for methods in ([], "risk_control", ["masks"], ["risk_control", "risk_control"]):
+        with pytest.raises(ValueError, match="methods"):
+            ConformalFitHandler(net, C, methods=methods)
+
+
+def test_conformal_transforms(tmp_path):
+    import csv
+
+    from monai.data import MetaTensor
+
+    from monai_nacl.calibration import save_calibrated
+    from monai_nacl.conformal import StaleConformalWarning, load_conformal
+    from monai_nacl.transforms.conformal import ConformalMasksd, StructureVolumeIntervalsd
+
+    net = _tiny_network()
+    weights = tmp_path / "model.pt"
+    save_calibrated(net.state_dict(), weights)
+    evaluator, _ = _run_fit_handler(tmp_path, net)
+    evaluator.run()
+    crc, vol = load_conformal(weights, "risk_control", 0.2), load_conformal(weights, "volume_intervals", 0.2)
+
+    masks = ConformalMasksd("prob", weights, alpha=0.2)
+    intervals = StructureVolumeIntervalsd("prob", weights, alpha=0.2, seg_key="pred", output_dir=tmp_path / "out")
+    items = _evaluator_cases(3, seed=1)
+    rows_expected = []
+    for item, p in zip(items, _direct_probs(net, items)):
+        prob = MetaTensor(p, meta=dict(item["image"].meta))  # the meta holds the affine
+        d = {"prob": prob, "pred": p.argmax(0, keepdim=True), "result": {"output_kind": "segmentation"}}
+        d = intervals(masks(d))
+        inner, outer = crc.predict(p)
+        for key, ref in (("conformal_inner", inner), ("conformal_outer", outer)):
+            assert isinstance(d[key], MetaTensor) and d[key].dtype == torch.uint8 and d[key].shape == (2, 10, 10, 8)
+            assert torch.equal(d[key].as_tensor().bool(), ref[1:]) and torch.equal(d[key].affine, prob.affine)
+        summary = d["result"]["conformal_masks"]
+        assert summary["alpha"] == 0.2 and set(summary["structures"]) == {"anterior", "posterior"}
+        assert summary["structures"]["anterior"]["outer_voxels"] == int(outer[1].sum())
+        assert summary["structures"]["anterior"]["outer_ml"] == pytest.approx(int(outer[1].sum()) * 2e-3)
+        low, high = vol.predict(p, spacing=SPACING)
+        got = d["result"]["volume_intervals"]["structures"]
+        assert d["result"]["output_kind"] == "segmentation"  # existing result entries are kept
+        for c, name in ((1, "anterior"), (2, "posterior")):
+            assert got[name]["low_ml"] == pytest.approx(float(low[c])) and got[name]["high_ml"] == pytest.approx(
+                float(high[c])
+            )
+            assert got[name]["low_ml"] <= got[name]["expected_volume_ml"] <= got[name]["high_ml"]
+            assert got[name]["expected_volume_ml"] == pytest.approx(float(p[c].sum()) * 2e-3, rel=1e-5)
+            assert got[name]["segmentation_volume_ml"] == pytest.approx(int((p.argmax(0) == c).sum()) * 2e-3)
+            rows_expected.append((item["image"].meta["filename_or_obj"], name, float(low[c]), float(high[c])))
+    with open(intervals.csv_path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["image"], r["structure"]) for r in rows] == [e[:2] for e in rows_expected]
+    for r, e in zip(rows, rows_expected):
+        assert float(r["alpha"]) == 0.2 and (float(r["low_ml"]), float(r["high_ml"])) == pytest.approx(e[2:])
+        assert float(r["segmentation_volume_ml"]) >= 0
+    # a second transform (a new inference run) rewrites the file
+    again = StructureVolumeIntervalsd("prob", weights, alpha=0.2, output_dir=tmp_path / "out")
+    again({"prob": prob})
+    with open(again.csv_path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 2 and "segmentation_volume_ml" not in rows[0]
+
+    # errors: another class count, a missing record, an unknown alpha, a stale record
+    with pytest.raises(ValueError, match="3 classes"):
+        masks({"prob": torch.full((2, 4, 4, 4), 0.5)})
+    with pytest.raises(FileNotFoundError, match="calibrate.json"):
+        ConformalMasksd("prob", tmp_path / "missing.pt")
+    with pytest.raises(ValueError, match=r"alpha \[0.2, 0.1\]"):
+        StructureVolumeIntervalsd("prob", weights, alpha=0.05)
+    with pytest.raises(ValueError, match="structures"):
+        ConformalMasksd("prob", weights, alpha=0.2, structures=[3])
+    with torch.no_grad():
+        net.network.bias.add_(0.1)
+    net.set_temperature(torch.tensor([0.8, 1.6]))
+    # weights replaced behind the record's back (save_calibrated would remove the record, see below)
+    torch.save(net.state_dict(), weights)
+    with pytest.warns(StaleConformalWarning):
+        ConformalMasksd("prob", weights, alpha=0.1)
+    with pytest.raises(ValueError, match="does not belong"):
+        StructureVolumeIntervalsd("prob", weights, alpha=0.1, strict=True)
+
+
+def test_conformal_transforms_without_a_record_pass_through_when_missing_ok(tmp_path, caplog):
+    from monai_nacl.calibration import save_calibrated
+    from monai_nacl.transforms.conformal import ConformalMasksd, StructureVolumeIntervalsd
+
+    weights = tmp_path / "model.pt"
+    save_calibrated(_tiny_network().state_dict(), weights)
+    with pytest.raises(FileNotFoundError, match="no conformal record"):
+        ConformalMasksd("prob", weights)
+    with caplog.at_level("WARNING"):
+        masks = ConformalMasksd("prob", weights, missing_ok=True)
+        intervals = StructureVolumeIntervalsd("prob", weights, output_dir=tmp_path / "out", missing_ok=True)
+    assert caplog.text.count("no conformal record") == 2
+    d = {"prob": torch.full((3, 4, 4, 4), 1 / 3), "result": {"output_kind": "segmentation"}}
+    out = intervals(masks(d))
+    assert set(out) == {"prob", "result"} and out["result"] == {"output_kind": "segmentation"}
+    assert not (tmp_path / "out").exists()
+
+
+def test_saving_new_weights_removes_a_stale_conformal_record(tmp_path):
+    from monai_nacl.calibration import save_calibrated
+    from monai_nacl.conformal import check_conformal_record, conformal_record_path
+
+    net = _tiny_network()
+    weights = tmp_path / "model.pt"
+    save_calibrated(net.state_dict(), weights)
+    evaluator, _ = _run_fit_handler(tmp_path, net)
+    evaluator.run()
+    assert conformal_record_path(weights).is_file() and check_conformal_record(weights) == []
+    save_calibrated(net.state_dict(), weights)  # the same weights and temperatures: the record stays valid
+    assert conformal_record_path(weights).is_file()
+    with torch.no_grad():
+        net.network.bias.add_(0.1)
+    net.set_temperature(torch.tensor([0.8, 1.6]))
+    save_calibrated(net.state_dict(), weights)
+    assert not conformal_record_path(weights).exists()

@@ -41,10 +41,12 @@ def test_conformal_hippocampus_quick(tmp_path):
         assert set(result[key]) == {"0.1", "0.05"}
         for alpha, fitted in result[key].items():
             sets = fitted["sets"]
-            assert sets["num_volumes"] == 3 and sets["n_scores"] > 0
-            for k in ("coverage", "coverage_foreground", "empty_fraction", "multi_fraction"):
+            assert sets["n_cases"] == 3 and sets["n_scores"] > 3
+            for k in ("coverage", "coverage_foreground", "fallback_fraction", "multi_fraction"):
                 assert 0.0 <= sets[k] <= 1.0
-            assert 0.0 <= sets["mean_set_size"] <= 3.0 and 0.0 <= sets["threshold"] <= 1.0
+            # the rank counts cases: 3 are too few for alpha 0.1 (n < 1/alpha - 1), every set holds every class
+            assert math.isinf(_number(sets["threshold"])) and sets["coverage"] == 1.0
+            assert sets["mean_set_size"] == 3.0 and sets["fallback_fraction"] == 0.0
             assert set(fitted["structures"]) == {"anterior", "posterior"}
             for s in fitted["structures"].values():
                 for k in ("outer_fnr", "inner_fpv", "argmax_fnr", "argmax_fpv", "volume_coverage"):
@@ -63,3 +65,15 @@ def test_conformal_hippocampus_quick(tmp_path):
             assert 0.0 <= naive[name]["coverage"] <= 1.0
             assert naive[name]["width_ml"] >= 0 and naive[name]["sigma_ml"] >= 0
     assert result["seconds"]["total"] > 0
+    # the figure and the record of the shipped weights (checked against the copy of the weights beside it)
+    from monai_nacl.conformal import check_conformal_record, load_conformal, read_conformal_record
+
+    assert (tmp_path / "out" / "conformal_masks.png").stat().st_size > 10_000
+    weights = tmp_path / "out" / "model.pt"
+    assert check_conformal_record(weights) == []
+    record = read_conformal_record(weights)
+    assert record["alphas"] == [0.1, 0.05] and record["cases"] == 3
+    assert record["temperature"] == pytest.approx(result["temperature"])
+    crc = load_conformal(weights, "risk_control", 0.1)
+    assert crc.n == [3, 3, 3] and math.isinf(float(crc.inner_threshold[1]))
+    assert math.isinf(float(load_conformal(weights, "volume_intervals", 0.05).quantile[1]))

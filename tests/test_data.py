@@ -23,6 +23,31 @@ def test_phantoms_are_seeded_and_have_touching_structures():
     assert not np.array_equal(make_phantom(4)[1], a_lab)
 
 
+def test_phantom_blur_is_the_former_replicate_padded_gaussian():
+    """MONAI's separable_filtering gives exactly what the former per-axis pad + conv3d loop gave."""
+    import torch.nn.functional as F
+
+    from monai_nacl.data.phantoms import _blur
+
+    def former(x, sigma):
+        r = int(np.ceil(2 * sigma))
+        t = torch.arange(-r, r + 1, dtype=x.dtype)
+        k = torch.exp(-(t**2) / (2 * sigma**2))
+        k = k / k.sum()
+        y = x[None]
+        for axis in range(3):
+            shape = [1, 1, 1, 1, 1]
+            shape[2 + axis] = k.numel()
+            pad = [0] * 6
+            pad[2 * (2 - axis)] = pad[2 * (2 - axis) + 1] = r
+            y = F.conv3d(F.pad(y, pad, mode="replicate"), k.view(shape))
+        return y[0]
+
+    x = torch.rand(1, 17, 12, 20, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    for sigma in (0.8, 1.3):
+        torch.testing.assert_close(_blur(x, sigma), former(x, sigma), rtol=0, atol=1e-12)
+
+
 def test_phantom_datalist_writes_once_and_checks(tmp_path):
     d = phantom_datalist(tmp_path, 2, 1, 1)
     assert [len(d[k]) for k in ("training", "validation", "test")] == [2, 1, 1]
@@ -77,6 +102,53 @@ def test_load_datalist_resolves_relative_paths_and_names_missing(tmp_path):
         load_datalist(tmp_path / "split.json", tmp_path / "nowhere")
     with pytest.raises(ValueError, match="datalist file not found"):
         load_datalist(tmp_path / "none.json", tmp_path)
+
+
+def test_load_datalist_matches_the_former_resolution_of_every_split(tmp_path, monkeypatch):
+    import json
+
+    from monai_nacl.data import load_datalist
+
+    root = tmp_path / "Task04"
+    (root / "imagesTr").mkdir(parents=True)
+    (root / "imagesTr" / "b_0001.nii.gz").write_bytes(b"")
+    splits = {
+        "training": [{"image": "./imagesTr/a.nii.gz", "label": "./labelsTr/a.nii.gz"}, {"image": "imagesTr/b.nii.gz"}],
+        "validation": [{"image": "../elsewhere/c.nii.gz", "label": str(tmp_path / "abs.nii.gz")}],
+        "test": [],
+    }
+    (tmp_path / "split.json").write_text(json.dumps(splits))
+    monkeypatch.chdir(tmp_path)
+    loaded = load_datalist("split.json", "Task04")  # relative dataset_dir: absolute paths come back
+    # the result the former hand-written loader gave: (root / value).resolve() for every path
+    assert loaded == {
+        split: [{k: str((root / v).resolve()) for k, v in item.items()} for item in items]
+        for split, items in splits.items()
+    }
+    # through load_decathlon_datalist: channel lists resolve too, other entries only when they exist, bare test
+    # paths become {"image": ...}, metadata keys are left out
+    extra = {
+        "name": "Hippocampus",
+        "training": [{"image": ["./imagesTr/b_0000.nii.gz", "./imagesTr/b_0001.nii.gz"], "case": "b", "fold": 1}],
+        "test": ["./imagesTs/d.nii.gz"],
+    }
+    (tmp_path / "extra.json").write_text(json.dumps(extra))
+    loaded = load_datalist(tmp_path / "extra.json", root)
+    assert loaded == {
+        "training": [{"image": [str(root / "imagesTr" / f"b_000{c}.nii.gz") for c in (0, 1)], "case": "b", "fold": 1}],
+        "test": [{"image": str(root / "imagesTs" / "d.nii.gz")}],
+    }
+
+
+def test_load_datalist_names_a_file_that_is_not_a_split_object(tmp_path):
+    from monai_nacl.data import load_datalist
+
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"datalist file .*bad\.json is not valid JSON"):
+        load_datalist(tmp_path / "bad.json", tmp_path)
+    (tmp_path / "list.json").write_text("[]")
+    with pytest.raises(ValueError, match=r"datalist file .*list\.json must hold a JSON object of splits, got list"):
+        load_datalist(tmp_path / "list.json", tmp_path)
 
 
 # --- dataset layouts -------------------------------------------------------------------------------------------

@@ -165,3 +165,84 @@ def test_interval_validation_of_a_calibrated_start():
     with torch.no_grad():
         next(net.network.parameters()).add_(1.0)  # weights changed since (a resumed run)
     assert run() == [2]
+
+
+# --- atomic saving ------------------------------------------------------------------------------------------------
+
+
+def _state():
+    net = TemperatureScaled(torch.nn.Conv3d(1, 2, 1))
+    net.set_temperature(1.5)
+    return net.state_dict()
+
+
+def _fail_midway(obj, f, **kwargs):
+    with open(f, "wb") as out:
+        out.write(b"half a checkpoint")
+    raise OSError("disk full")
+
+
+def test_atomic_save_keeps_the_previous_file_when_a_save_fails(tmp_path, monkeypatch):
+    """monai.networks.utils.save_state(atomic=True) deletes the existing file before writing; ours must not."""
+    import os
+    import stat
+
+    from monai_nacl.calibration import read_calibration_record
+    from monai_nacl.calibration.record import save_calibrated
+    from monai_nacl.handlers import atomic_save
+
+    path = atomic_save({"a": torch.ones(2)}, tmp_path / "sub" / "obj.pt")
+    assert torch.equal(torch.load(path, weights_only=True)["a"], torch.ones(2))
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask  # what a plain torch.save gives, not mkstemp's 0600
+
+    first = save_calibrated(_state(), tmp_path / "model.pt", epoch=1)
+    before = (tmp_path / "model.pt").read_bytes()
+    monkeypatch.setattr(torch, "save", _fail_midway)
+    with pytest.raises(OSError, match="disk full"):
+        save_calibrated(_state(), tmp_path / "model.pt", epoch=2)
+    with pytest.raises(OSError, match="disk full"):
+        atomic_save({"b": 1}, path)
+    assert (tmp_path / "model.pt").read_bytes() == before
+    assert read_calibration_record(tmp_path / "model.pt") == first
+    assert torch.equal(torch.load(path, weights_only=True)["a"], torch.ones(2))
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["model.calibration.json", "model.pt", "obj.pt", "sub"]
+
+
+# --- distributed per-case details ---------------------------------------------------------------------------------
+
+
+def _details_worker(rank, port, probs, labels, out):
+    import torch.distributed as dist
+    from ignite.engine import Engine
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    handler = CalibrationHandler(3, mask="all")
+    mine = slice(0, 3) if rank == 0 else slice(3, 4)  # uneven: the gather pads and trims
+    handler.update((probs[mine], labels[mine]))
+    engine = Engine(lambda e, b: None)
+    handler.completed(engine, "val")
+    out[rank] = engine.state.metric_details["val_ece"].flatten().tolist()
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow  # two processes (about 20 s on two busy cores)
+def test_calibration_handler_gathers_per_case_values_across_ranks():
+    import socket
+
+    import torch.multiprocessing as mp
+
+    g = torch.Generator().manual_seed(0)
+    probs = torch.softmax(torch.randn(4, 3, 5, 5, 5, generator=g), 1)
+    labels = torch.randint(0, 3, (4, 1, 5, 5, 5), generator=g)
+    single = CalibrationMetric(3, mask="all", per_volume=True)
+    single(probs, labels)
+    expected = [v["ece"] for v in single.get_per_volume()]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = mp.Manager().dict()
+    mp.spawn(_details_worker, args=(port, probs, labels, out), nprocs=2, join=True)
+    for rank in range(2):
+        assert out[rank] == pytest.approx(expected)

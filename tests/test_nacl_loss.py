@@ -223,3 +223,193 @@ def test_cuda_matches_cpu(rng):
     (g,) = torch.autograd.grad(cpu, x)
     assert gpu.item() == pytest.approx(cpu.item(), rel=1e-5)
     torch.testing.assert_close(xc.grad.cpu(), g, rtol=1e-4, atol=1e-6)
+
+
+# ---------------------------------------------------------------- per-class penalty weights (class-adaptive NACL)
+
+
+def _weighted_reference(x, y, lam, distance="l1", penalty_on="logits", reduction="mean", ignore_index=None, w=None):
+    """Plain-autograd definition: CE (class weights, ignore index) + sum_i sum_c lam_c d(tau_ic, z_ic) / (N C)."""
+    c = x.shape[1]
+    valid = torch.ones_like(y, dtype=x.dtype) if ignore_index is None else (y != ignore_index).to(x.dtype)
+    index = torch.where(valid.bool(), y, torch.zeros_like(y))
+    tau = reference_prior(y, c, ignore_index=ignore_index).to(x.dtype)
+    cw = torch.ones(c, dtype=x.dtype) if w is None else torch.as_tensor(w, dtype=x.dtype)
+    vw = cw[index] * valid
+    ce_vox = -F.log_softmax(x, 1).gather(1, index)
+    z = F.softmax(x, 1) if penalty_on == "softmax" else x
+    d = (z - tau).abs() if distance == "l1" else (z - tau).square()
+    lam = torch.as_tensor(lam, dtype=x.dtype).view(1, c, *([1] * (x.ndim - 2)))
+    weighted = (lam * d * valid).sum()
+    if reduction == "sum":
+        return (ce_vox * vw).sum() + weighted
+    return (ce_vox * vw).sum() / vw.sum() + weighted / (valid.sum() * c)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {},
+        {"penalty_on": "softmax"},
+        {"distance": "l2"},
+        {"reduction": "sum", "weight": [1.0, 3.0, 2.0]},
+        {"ignore_index": 9, "penalty_on": "softmax", "distance": "l2"},
+        {"ignore_index": 9, "weight": [0.5, 2.0, 1.0]},
+    ],
+)
+def test_per_class_weights_match_brute_force_value_and_gradient(kwargs, rng):
+    x, y = _data((2, 5, 4, 3), 3, rng)
+    if "ignore_index" in kwargs:
+        y[0, 0, 1, 1] = 9
+    lam = [0.05, 0.7, 2.5]
+    loss_fn = NACLLoss(3, alpha=123.0, penalty_weight=lam, **kwargs)  # alpha is not used while weights are set
+    tau = reference_prior(y, 3, ignore_index=kwargs.get("ignore_index"))  # float64 (the loss's own τ is float32)
+    ours = loss_fn(x, y, prior=tau)
+    (g_ours,) = torch.autograd.grad(ours, x)
+    ref_kwargs = {k: v for k, v in kwargs.items() if k != "weight"}
+    ref = _weighted_reference(x, y, lam, w=kwargs.get("weight"), **ref_kwargs)
+    (g_ref,) = torch.autograd.grad(ref, x)
+    # with an ignore index the loss folds validity into float32 CE weights: float32 rounding (as for a scalar alpha)
+    rel = 1e-7 if "ignore_index" in kwargs else 1e-10
+    assert ours.item() == pytest.approx(ref.item(), rel=rel)
+    torch.testing.assert_close(g_ours, g_ref, rtol=rel * 10, atol=rel * 1e-2)
+    # "penalty" stays the unweighted mean, as with a scalar alpha
+    unweighted = NACLLoss(3, alpha=0.0, **kwargs)
+    unweighted(x, y, prior=tau)
+    assert loss_fn.last_components["penalty"].item() == pytest.approx(
+        unweighted.last_components["penalty"].item(), rel=1e-12
+    )
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {},
+        {"penalty_on": "softmax", "distance": "l2"},
+        {"reduction": "sum", "ignore_index": 9},
+        {"reduction": "none", "ignore_index": 9},
+        {"base": "dice_ce", "kernel": "gaussian"},
+    ],
+)
+def test_per_class_weights_equal_to_alpha_reproduce_the_scalar_loss(kwargs, rng):
+    x, y = _data((2, 6, 5, 4), 3, rng)
+    if "ignore_index" in kwargs:
+        y[1, 0, 2] = 9
+    scalar = NACLLoss(3, alpha=0.3, **kwargs)
+    per_class = NACLLoss(3, alpha=0.3, penalty_weight=[0.3, 0.3, 0.3], **kwargs)
+    a, b = scalar(x, y), per_class(x, y)
+    (ga,) = torch.autograd.grad(a.sum(), x)
+    (gb,) = torch.autograd.grad(b.sum(), x)
+    torch.testing.assert_close(b, a, rtol=1e-13, atol=1e-15)
+    torch.testing.assert_close(gb, ga, rtol=1e-13, atol=1e-15)
+    # and a different weight vector does change it (the test can fail)
+    per_class.penalty_weight = [0.3, 0.3, 0.9]
+    assert not torch.allclose(per_class(x, y), a)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {},
+        {"penalty_on": "softmax"},
+        {"distance": "l2", "kernel": "gaussian"},
+        {"ignore_index": 9, "weight": [0.5, 2.0, 1.0]},
+        {"ignore_index": 9, "penalty_on": "softmax", "distance": "l2"},
+        {"reduction": "sum"},
+        {"reduction": "none", "ignore_index": 9},
+    ],
+)
+def test_per_class_weights_gradcheck_float64(kwargs, rng):
+    x, y = _data((2, 4, 3, 5), 3, rng)
+    if "ignore_index" in kwargs:
+        y[0, 0, 1, 1] = 9
+    loss_fn = NACLLoss(3, penalty_weight=[0.0, 0.4, 1.7], **kwargs)
+    assert torch.autograd.gradcheck(lambda a: loss_fn(a, y), (x,), eps=1e-6, atol=1e-6)
+
+
+def test_fused_function_per_class_gradcheck_float64(rng):
+    from monai_nacl.losses.fused import fused_ce_penalty
+
+    x, y = _data((2, 3, 4, 2), 4, rng)
+    tau = reference_prior(y, 4)
+    lam = torch.tensor([0.3, 0.0, 1.2, 0.6], dtype=torch.float64)
+    for distance in ("l1", "l2"):
+        for on_softmax in (False, True):
+
+            def f(a, distance=distance, on_softmax=on_softmax):
+                return fused_ce_penalty(a, y, tau, 1.0 / y.numel(), None, 0.01, lam, distance, on_softmax)[0]
+
+            assert torch.autograd.gradcheck(f, (x,), eps=1e-6, atol=1e-6)
+
+
+def test_penalty_weight_setter_validates_and_can_change_between_steps(rng):
+    x, y = _data((1, 4, 4, 4), 3, rng)
+    net = torch.nn.Conv3d(3, 3, 1).double()
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    loss_fn = NACLLoss(3, alpha=0.2)
+    assert loss_fn.penalty_weight is None and "_penalty_weight" not in loss_fn.state_dict()
+    values = []
+    for lam in (None, [0.2, 0.2, 0.2], [0.0, 0.0, 5.0]):
+        loss_fn.penalty_weight = lam
+        with torch.no_grad():
+            values.append(loss_fn(net(x), y).item())
+        opt.zero_grad()
+        loss_fn(net(x), y).backward()  # the same optimizer keeps working: no parameter was added
+        assert {id(p) for p in opt.param_groups[0]["params"]} == {id(p) for p in net.parameters()}
+    assert loss_fn.penalty_weight.dtype == torch.float64
+    assert loss_fn.state_dict()["_penalty_weight"].tolist() == [0.0, 0.0, 5.0]
+    assert values[2] > values[1]  # a much larger weight on one class raises the loss
+    loss_fn.penalty_weight = None
+    assert loss_fn.penalty_weight is None
+    loss_fn.penalty_weight = torch.zeros(3)  # all zero is allowed: no penalty at all
+    ce_only = NACLLoss(3, alpha=0.0)
+    assert loss_fn(x, y).item() == pytest.approx(ce_only(x, y).item(), rel=1e-12)
+    source = [0.1, 0.2, 0.3]
+    loss_fn.penalty_weight = source
+    source[0] = 9.0
+    assert loss_fn.penalty_weight.tolist() == [0.1, 0.2, 0.3]  # a copy
+
+
+@pytest.mark.parametrize(
+    "value, match",
+    [
+        ([0.1, 0.2], "3 values"),
+        ([0.1, -0.2, 0.3], ">= 0"),
+        ([0.1, float("nan"), 0.3], "finite"),
+        ([0.1, float("inf"), 0.3], "finite"),
+        ("0.1", "real numbers"),
+        ([True, False, True], "real numbers"),
+        ([[0.1, 0.2], [0.3, 0.4]], "3 values"),
+        ({"a": 1}, "real numbers"),
+    ],
+)
+def test_penalty_weight_bad_values(value, match):
+    with pytest.raises(ValueError, match=f"penalty_weight.*{match}"):
+        NACLLoss(3, penalty_weight=value)
+    loss_fn = NACLLoss(3)
+    with pytest.raises(ValueError, match="penalty_weight"):
+        loss_fn.penalty_weight = value
+    assert loss_fn.penalty_weight is None  # a rejected value leaves the loss as it was
+
+
+def test_penalty_weight_changed_in_place_to_nan_is_named(rng):
+    x, y = _data((1, 4, 4, 4), 3, rng)
+    loss_fn = NACLLoss(3, penalty_weight=[0.1, 0.1, 0.1])
+    loss_fn.penalty_weight[1] = float("nan")
+    with pytest.raises(ValueError, match="penalty_weight contains NaN"):
+        loss_fn(x, y)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA device not present on this machine")
+def test_cuda_per_class_weights_match_cpu(rng):
+    x, y = _data((2, 8, 8, 8), 4, rng, torch.float32)
+    loss_fn = NACLLoss(4, ignore_index=7, penalty_weight=[0.05, 0.2, 0.4, 1.0])
+    cpu = loss_fn(x, y)
+    (g,) = torch.autograd.grad(cpu, x)
+    loss_fn.cuda()
+    assert loss_fn.penalty_weight.is_cuda
+    xc = x.detach().cuda().requires_grad_()
+    gpu = loss_fn(xc, y.cuda())
+    gpu.backward()
+    assert gpu.item() == pytest.approx(cpu.item(), rel=1e-5)
+    torch.testing.assert_close(xc.grad.cpu(), g, rtol=1e-4, atol=1e-6)

@@ -107,3 +107,15 @@ def test_kernel_size_and_sigma_types():
         check_sigma("1")
     with pytest.raises(ValueError, match="sigma must be finite"):
         neighbor_prior(torch.zeros(1, 1, 3, 3), 2, kernel="gaussian", sigma=float("nan"))
+
+
+def test_ensure_sigma_repeats_or_checks_per_axis():
+    from monai_nacl import prior
+
+    assert prior.ensure_sigma(1.5, 3) == (1.5, 1.5, 1.5)
+    assert prior.ensure_sigma([1, 2.0], 2) == (1.0, 2.0)
+    with pytest.raises(ValueError, match=r"sigma must be positive and finite with 3 entries, got \(1\.0, 2\.0\)"):
+        prior.ensure_sigma((1.0, 2.0), 3)
+    with pytest.raises(ValueError, match=r"sigma must be a real number .*'1' \(str\)"):
+        prior.ensure_sigma("1", 2)
+    assert not hasattr(prior, "_ensure_sigma")  # one public name

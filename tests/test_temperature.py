@@ -265,15 +265,25 @@ def test_bare_network_state_dict_is_named():
 
 
 def test_fitter_score_matches_calibration_metric(rng):
-    z, y = _calibrated_toy(rng, n=2)
+    z, y = _calibrated_toy(rng, n=2, size=40)
     fitter = TemperatureFitter(3, voxels_per_volume=10**6)
     fitter.update(z * 3, y)
     zs, ys = fitter.samples()
+    assert zs.shape[0] % ((1 << 18) // 3) > 0  # 1 x 3 x 128000: the metric's CPU blocks end in a shorter one
     metric = CalibrationMetric(3, mask="all")
-    metric(torch.softmax(zs, 1).T.contiguous()[None], ys[None, None])
+    metric(torch.softmax(zs, 1).T[None], ys[None, None])  # non-contiguous B,C,N view of the sample
     expected = metric.aggregate("micro")["ece"]
-    assert fitter.score()["ece"] == pytest.approx(expected, abs=1e-4)  # float32 confidences in the metric
+    assert fitter.score()["ece"] == pytest.approx(expected, abs=1e-6, rel=0)  # one ECE definition
+    # and the definition itself: 15 equal-width bins of the (float32) top-label confidence, summed in float64
+    conf, pred = torch.softmax(zs, 1).max(1)
+    bins = (conf * 15).long().clamp(max=14)
+    gap = torch.zeros(15, dtype=torch.float64).index_add_(0, bins, (pred == ys).double() - conf.double())
+    assert fitter.score()["ece"] == pytest.approx(float(gap.abs().sum() / len(ys)), abs=1e-6, rel=0)
     correction = fitter.fit()
+    t = correction.view(1, -1)
+    assert fitter.score(correction)["ece"] == pytest.approx(
+        _metrics(zs.T[None] / t.T[None], ys[None, None])["ece"], abs=1e-6, rel=0
+    )
     assert fitter.score(correction)["nll"] < fitter.score()["nll"]
     assert fitter.score(correction)["ece"] < fitter.score()["ece"]
 

@@ -15,7 +15,7 @@ import logging
 import os
 import tempfile
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,7 @@ from monai.networks.utils import save_state
 from monai_nacl.calibration.temperature import StaleTemperatureWarning, weights_fingerprint
 
 __all__ = [
+    "atomic_save",
     "record_path",
     "save_calibrated",
     "read_calibration_record",
@@ -51,6 +52,30 @@ def record_path(weights_path: str | Path) -> Path:
     return weights_path.with_name(weights_path.stem + ".calibration.json")
 
 
+def _replace_atomically(path: Path, write: Callable[[Path], None]) -> Path:
+    """``write`` a temporary file in ``path``'s folder, then rename it to ``path``: a crash or an error leaves the
+    previous ``path`` (or none), never half a file. The file gets the permissions a plain write would give."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    try:
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600
+        write(Path(tmp))
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
+def atomic_save(obj: Any, path: str | Path) -> Path:
+    """``torch.save(obj)`` to ``path`` through a temporary file beside it and a rename (see :func:`save_calibrated`
+    for why not ``monai.networks.utils.save_state(atomic=True)``)."""
+    return _replace_atomically(Path(path), lambda tmp: torch.save(obj, tmp))
+
+
 def _fingerprint_hex(value: int) -> str:
     return f"{int(value):016x}"
 
@@ -58,6 +83,11 @@ def _fingerprint_hex(value: int) -> str:
 def save_calibrated(state: Mapping[str, torch.Tensor], path: str | Path, **provenance: Any) -> dict:
     """Write a :class:`~monai_nacl.calibration.TemperatureScaled` state_dict to ``path`` (atomically) and its
     calibration record to :func:`record_path` ``(path)``.
+
+    The weights are serialised by ``monai.networks.utils.save_state`` into a temporary file beside ``path`` that is
+    then renamed over it, and so is the record: a run killed while saving keeps the previous model. (``save_state``'s
+    own ``atomic=True`` deletes the existing file first and writes in the system temporary folder, which may be
+    another file system, so a crash there can leave no model or half of one.)
 
     Args:
         state: the wrapper's state_dict; its ``calibrated_for`` must be the fingerprint of its own weights.
@@ -93,19 +123,24 @@ def save_calibrated(state: Mapping[str, torch.Tensor], path: str | Path, **prove
     }
     # strict JSON (NaN -> null); fail on unserialisable provenance before writing anything
     text = json.dumps(_finite(record), indent=4, default=float, allow_nan=False)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_state(dict(state), path)
-    target = record_path(path)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text + "\n")
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    _replace_atomically(path, lambda tmp: save_state(dict(state), tmp, atomic=False))
+    _replace_atomically(record_path(path), lambda tmp: tmp.write_text(text + "\n"))
+    _drop_stale_conformal_record(path)
     return record
+
+
+def _drop_stale_conformal_record(path: Path) -> None:
+    """Delete the conformal record beside ``path`` when it was fitted for other weights or temperatures.
+
+    New weights (a fine-tune, a better epoch) invalidate conformal thresholds; a stale record left on disk could be
+    served, so it goes, and inference adds no conformal outputs until ``calibrate.json`` fits a new one.
+    """
+    from monai_nacl.conformal.record import check_conformal_record, conformal_record_path
+
+    target = conformal_record_path(path)
+    if target.is_file() and check_conformal_record(path):
+        target.unlink()
+        logger.info("%s: removed %s (fitted for other weights or temperatures).", path, target.name)
 
 
 def read_calibration_record(path: str | Path) -> dict | None:

@@ -28,6 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from monai_nacl.metrics.calibration import CalibrationMetric
 from monai_nacl.validation import as_tensor, labels_from_target
 
 __all__ = [
@@ -397,9 +398,10 @@ class TemperatureFitter:
         return self._count
 
     def score(self, correction: torch.Tensor | None = None) -> dict[str, float]:
-        """NLL and top-label ECE (15 bins) of the sampled voxels, as collected or divided by ``correction`` (a
-        result of :meth:`fit`). With ``foreground_margin`` the two regions are sampled equally, so these describe
-        the sample, not a whole volume."""
+        """NLL and top-label ECE (15 bins, :class:`~monai_nacl.metrics.CalibrationMetric` with ``sync=False``: the
+        sample lives on this rank) of the sampled voxels, as collected or divided by ``correction`` (a result of
+        :meth:`fit`). With ``foreground_margin`` the two regions are sampled equally, so these describe the
+        sample, not a whole volume."""
         z, y = self.samples()
         if correction is not None:
             t = torch.as_tensor(correction, dtype=z.dtype).flatten()
@@ -407,12 +409,10 @@ class TemperatureFitter:
                 z = z / torch.where(torch.cat(self._regions)[:, None], t[1], t[0])
             else:
                 z = z / t
-        # rank-local on purpose (CalibrationMetric would sync across processes): the sample lives on one rank
-        conf, pred = torch.softmax(z, 1).max(1)
-        bins = (conf * 15).long().clamp_(0, 14)
-        n = torch.bincount(bins, minlength=15).double()
-        gap = torch.bincount(bins, (pred == y).double(), 15) - torch.bincount(bins, conf.double(), 15)
-        return {"nll": float(F.cross_entropy(z, y)), "ece": float(gap.abs().sum() / n.sum())}
+        # one ECE definition for the package; rank-local (sync=False): the sample lives on this rank only
+        metric = CalibrationMetric(self.num_classes, mask="all", sync=False)
+        metric(torch.softmax(z, 1).T.contiguous()[None], y[None, None])
+        return {"nll": float(F.cross_entropy(z, y)), "ece": metric.aggregate("micro")["ece"]}
 
     def fit(self, max_iter: int = 100) -> torch.Tensor:
         """Return the fitted temperature (shape ``1``, ``C``, or ``2`` with ``foreground_margin``) within

@@ -4,7 +4,7 @@ from monai_nacl.data.datalist import check_datalist, load_datalist, phantom_data
 from monai_nacl.data.fixtures import write_fixture
 from monai_nacl.data.inference import IMAGE_SUFFIXES, InferenceDataset, image_datalist
 from monai_nacl.data.layouts import LAYOUTS, build_datalist, find_cases, inference_datalist
-from monai_nacl.data.phantoms import PHANTOM_CLASSES, make_phantom, make_phantoms
+from monai_nacl.data.phantoms import PHANTOM_CLASSES, make_phantom
 
 __all__ = [
     "IMAGE_SUFFIXES",
@@ -18,7 +18,6 @@ __all__ = [
     "inference_datalist",
     "load_datalist",
     "make_phantom",
-    "make_phantoms",
     "phantom_datalist",
     "write_fixture",
 ]

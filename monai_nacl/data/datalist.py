@@ -9,6 +9,7 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+from monai.data import load_decathlon_datalist
 
 from monai_nacl.data.phantoms import make_phantom
 
@@ -116,20 +117,35 @@ def check_datalist(
     return len(items)
 
 
-def load_datalist(datalist_file: str | Path, dataset_dir: str | Path) -> dict[str, list[dict[str, str]]]:
+def load_datalist(datalist_file: str | Path, dataset_dir: str | Path) -> dict[str, list[dict]]:
     """Read a split file (``{"training": [{"image": rel, "label": rel}, ...], "validation": ..., "test": ...}``
     with paths relative to the dataset root, MSD style ``./imagesTr/x.nii.gz``) and return absolute paths.
 
+    Each split (every key holding a list) goes through ``monai.data.load_decathlon_datalist`` with the absolute
+    ``dataset_dir`` as base: ``image`` and ``label`` (a path or a list of paths, one per channel) are joined to it,
+    other entries only when they name an existing file there, and a ``test`` list of bare paths becomes
+    ``[{"image": path}]``. Other keys (MSD metadata such as ``"name"``) are left out.
+
     Raises:
-        ValueError: when the file or ``dataset_dir`` is missing, naming them.
+        ValueError: when the file or ``dataset_dir`` is missing, or the file is not a JSON object, naming them.
     """
     datalist_file, root = Path(datalist_file), Path(dataset_dir)
     if not datalist_file.is_file():
         raise ValueError(f"datalist file not found: {datalist_file}")
     if not root.is_dir():
         raise ValueError(f"dataset_dir not found: {root} (set dataset_dir to your copy of the data)")
-    splits = json.loads(datalist_file.read_text())
+    try:
+        splits = json.loads(datalist_file.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"datalist file {datalist_file} is not valid JSON: {e}") from e
+    if not isinstance(splits, dict):
+        raise ValueError(
+            f"datalist file {datalist_file} must hold a JSON object of splits, got {type(splits).__name__}."
+        )
+    base = root.resolve()
+    # an empty split is returned as is: load_decathlon_datalist reads the first item of a "test" list
     return {
-        split: [{k: str((root / v).resolve()) if isinstance(v, str) else v for k, v in item.items()} for item in items]
+        split: load_decathlon_datalist(datalist_file, True, split, base) if items else []
         for split, items in splits.items()
+        if isinstance(items, list)
     }

@@ -1,5 +1,6 @@
 """Ignite handlers for MONAI workflows and bundles."""
 
+from monai_nacl.handlers.adaptive_penalty import ClassAdaptivePenalty, update_multipliers
 from monai_nacl.handlers.alpha import AlphaSchedule
 from monai_nacl.handlers.calibration import (
     CalibrationHandler,
@@ -8,12 +9,16 @@ from monai_nacl.handlers.calibration import (
     atomic_save,
 )
 from monai_nacl.handlers.checkpoint import ResumableCheckpoint, latest_checkpoint
+from monai_nacl.handlers.conformal import ConformalFitHandler
 from monai_nacl.handlers.model_saver import CalibratedModelSaver
 from monai_nacl.handlers.prior import PriorFromBatch
 from monai_nacl.handlers.validation import IntervalValidationHandler
 
 __all__ = [
     "AlphaSchedule",
+    "ClassAdaptivePenalty",
+    "ConformalFitHandler",
+    "update_multipliers",
     "ResumableCheckpoint",
     "latest_checkpoint",
     "CalibratedModelSaver",

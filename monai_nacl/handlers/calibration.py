@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -14,9 +12,9 @@ import torch
 import torch.distributed as dist
 from ignite.engine import Engine, Events
 from ignite.metrics import Metric
-from monai.utils import evenly_divisible_all_gather
+from monai.utils import evenly_divisible_all_gather, get_dist_device
 
-from monai_nacl.calibration.record import save_calibrated
+from monai_nacl.calibration.record import atomic_save, save_calibrated  # atomic_save: re-exported
 from monai_nacl.calibration.temperature import TemperatureFitter, TemperatureScaled, compose_temperature
 from monai_nacl.metrics.calibration import KEYS, CalibrationMetric
 from monai_nacl.visualize.reliability import plot_reliability
@@ -24,24 +22,6 @@ from monai_nacl.visualize.reliability import plot_reliability
 __all__ = ["CalibrationHandler", "ReliabilityDiagramHandler", "TemperatureFitHandler", "atomic_save"]
 
 logger = logging.getLogger(__name__)
-
-
-def atomic_save(obj, path: str | Path) -> Path:
-    """``torch.save`` to a temporary file in the same folder, then rename: a crash never leaves half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the permissions a plain save would
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
 
 
 class CalibrationHandler(Metric):
@@ -96,9 +76,7 @@ class CalibrationHandler(Metric):
             rows = torch.tensor([[v[k] for k in KEYS] for v in self.metric.get_per_volume()], dtype=torch.float32)
             rows = rows.reshape(-1, len(KEYS))
             if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-                if dist.get_backend() == "nccl":
-                    rows = rows.to(torch.device("cuda", torch.cuda.current_device()))
-                rows = evenly_divisible_all_gather(rows, concat=True).cpu()
+                rows = evenly_divisible_all_gather(rows.to(get_dist_device()), concat=True).cpu()  # NCCL: on GPU
             details = getattr(engine.state, "metric_details", None)
             if details is None:
                 details = engine.state.metric_details = {}

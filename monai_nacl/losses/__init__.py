@@ -15,10 +15,11 @@ from monai_nacl.losses.baselines import (
     SVLSLoss,
 )
 from monai_nacl.losses.deep_supervision import DeepSupervisionLoss
-from monai_nacl.losses.nacl import NACLLoss
+from monai_nacl.losses.nacl import NACLLoss, check_penalty_weight
 
 __all__ = [
     "NACLLoss",
+    "check_penalty_weight",
     "DeepSupervisionLoss",
     "CrossEntropyLoss",
     "DiceCELoss",

@@ -17,7 +17,7 @@ from monai.losses import DiceLoss
 from monai.losses import FocalLoss as _MonaiFocalLoss
 from torch.nn.modules.loss import _Loss
 
-from monai_nacl.prior import _ensure_sigma, check_kernel_size, check_sigma, ensure_kernel_size, neighbor_prior
+from monai_nacl.prior import check_kernel_size, check_sigma, ensure_kernel_size, ensure_sigma, neighbor_prior
 from monai_nacl.validation import (
     as_tensor,
     check_class_weight,
@@ -289,7 +289,7 @@ class SVLSLoss(_SegmentationLoss):
         input, labels, _, valid = self._prepare(input, target)
         if prior is None:
             dims = input.ndim - 2
-            sizes, sigma = ensure_kernel_size(self.kernel_size, dims), _ensure_sigma(self.sigma, dims)
+            sizes, sigma = ensure_kernel_size(self.kernel_size, dims), ensure_sigma(self.sigma, dims)
             prior = neighbor_prior(labels, self.num_classes, "gaussian", sizes, sigma, "replicate", self.ignore_index)
         else:
             prior = check_prior(prior, input)

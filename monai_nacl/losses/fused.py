@@ -23,7 +23,7 @@ class _FusedCEPenalty(torch.autograd.Function):
         ce_weight: torch.Tensor | float,
         valid: torch.Tensor | None,
         pen_scale: float,
-        alpha: float,
+        alpha: float | torch.Tensor,
         distance: str,
         on_softmax: bool,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -41,17 +41,27 @@ class _FusedCEPenalty(torch.autograd.Function):
             d = torch.sub(x, tau.to(x.dtype))
         if valid is not None:
             d.mul_(valid)
-        if distance == "l1":
-            pen = torch.linalg.vector_norm(d, 1)
-            dpen = d.sign_()
+        per_class = isinstance(alpha, torch.Tensor)
+        if per_class:
+            # per-class weights: sum over every axis but the class axis, then weigh each class
+            dims = [0, *range(2, d.ndim)]
+            pen_c = torch.linalg.vector_norm(d, 1 if distance == "l1" else 2, dim=dims)
+            pen_c = pen_c if distance == "l1" else pen_c.square()
+            lam = alpha.to(device=pen_c.device, dtype=pen_c.dtype)
+            pen = pen_c.sum() * pen_scale
+            total = ce + (lam * pen_c).sum() * pen_scale
         else:
-            pen = torch.linalg.vector_norm(d, 2).square()
-            dpen = d.mul_(2.0)
-        pen = pen * pen_scale
-        total = ce + alpha * pen
+            if distance == "l1":
+                pen = torch.linalg.vector_norm(d, 1)
+            else:
+                pen = torch.linalg.vector_norm(d, 2).square()
+            pen = pen * pen_scale
+            total = ce + alpha * pen
+        dpen = d.sign_() if distance == "l1" else d.mul_(2.0)
 
         if ctx.needs_input_grad[0]:
-            k = alpha * pen_scale
+            # the penalty's gradient factor: a scalar, or one value per class broadcast over B and the voxels
+            k = (lam * pen_scale).view(1, -1, *([1] * (d.ndim - 2))) if per_class else alpha * pen_scale
             if on_softmax:
                 # d/dx of sum_c f(p_c): p * (g - <p, g>), with g the derivative w.r.t. p.
                 gp = dpen.mul_(k)
@@ -60,7 +70,10 @@ class _FusedCEPenalty(torch.autograd.Function):
             else:
                 # softmax * w + k * sign(d), then -w at the target class
                 g = e.mul_(ce_weight / s if isinstance(ce_weight, torch.Tensor) else s.reciprocal().mul_(ce_weight))
-                g.add_(dpen, alpha=k)
+                if per_class:
+                    g.add_(dpen.mul_(k))
+                else:
+                    g.add_(dpen, alpha=k)
             w = ce_weight if isinstance(ce_weight, torch.Tensor) else torch.full_like(ce_vox, ce_weight)
             g.scatter_add_(1, index, w.neg().to(g.dtype).expand_as(ce_vox))
             ctx.save_for_backward(g)
@@ -84,11 +97,11 @@ def fused_ce_penalty(
     ce_weight: torch.Tensor | float,
     valid: torch.Tensor | None,
     pen_scale: float,
-    alpha: float,
+    alpha: float | torch.Tensor,
     distance: str = "l1",
     on_softmax: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``total = sum_i w_i CE_i + alpha * pen_scale * sum_{i,c} d(tau, z)`` with a fused gradient.
+    """``total = sum_i w_i CE_i + pen_scale * sum_{i,c} alpha_c d(tau_ic, z_ic)`` with a fused gradient.
 
     Args:
         logits: ``B,C,*spatial``.
@@ -98,11 +111,12 @@ def fused_ce_penalty(
             a scalar normaliser.
         valid: ``B,1,*spatial`` 0/1 mask of voxels that count in the penalty, or ``None`` for all.
         pen_scale: normaliser of the penalty sum (``1 / (N C)`` for the mean).
-        alpha: penalty weight.
+        alpha: penalty weight: a float (every class), or a tensor of ``C`` per-class weights ``alpha_c``.
         distance: ``"l1"`` or ``"l2"``.
         on_softmax: penalise softmax probabilities instead of logits.
 
     Returns:
-        ``(total, ce, penalty)``; only ``total`` carries a gradient.
+        ``(total, ce, penalty)``; only ``total`` carries a gradient. ``penalty`` is the unweighted
+        ``pen_scale * sum_{i,c} d(tau_ic, z_ic)`` in both forms.
     """
     return _FusedCEPenalty.apply(logits, index, tau, ce_weight, valid, pen_scale, alpha, distance, on_softmax)

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from monai.losses import DiceLoss
 from torch.nn.modules.loss import _Loss
 
 from monai_nacl.losses.fused import fused_ce_penalty
-from monai_nacl.prior import KERNELS, PADDINGS, _ensure_sigma, check_sigma, ensure_kernel_size, neighbor_prior
+from monai_nacl.prior import KERNELS, PADDINGS, check_sigma, ensure_kernel_size, ensure_sigma, neighbor_prior
 from monai_nacl.validation import (
     as_tensor,
     check_class_weight,
@@ -23,7 +24,45 @@ from monai_nacl.validation import (
     non_finite_error,
 )
 
-__all__ = ["NACLLoss"]
+__all__ = ["NACLLoss", "check_penalty_weight"]
+
+
+def check_penalty_weight(value: object, num_classes: int, name: str = "penalty_weight") -> torch.Tensor:
+    """Per-class penalty weights as a float64 CPU tensor of ``num_classes`` finite values >= 0 (all zero allowed).
+
+    Args:
+        value: a sequence, NumPy array or tensor of numbers.
+        num_classes: the required count.
+        name: the argument name used in the error message.
+
+    Returns:
+        the weights, float64, on the CPU (a copy: later changes to ``value`` do not reach the loss).
+
+    Raises:
+        ValueError: a string or other non-numeric value, a count other than ``num_classes``, NaN/Inf, or a negative
+            value; the message names ``name`` and shows the values.
+
+    Example:
+        >>> check_penalty_weight([0.1, 0.0, 0.3], 3).tolist()
+        [0.1, 0.0, 0.3]
+    """
+    message = f"{name} must be a sequence of {num_classes} real numbers, got {value!r} ({type(value).__name__})."
+    if isinstance(value, (str, bytes)):
+        raise ValueError(message)
+    try:
+        raw = torch.as_tensor(value).detach()
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise ValueError(message) from e
+    if raw.dtype == torch.bool or raw.is_complex():
+        raise ValueError(message)
+    if not isinstance(value, (torch.Tensor, np.ndarray)):
+        raw = torch.as_tensor(value, dtype=torch.float64)  # Python floats are doubles: keep them exact
+    w = raw.to("cpu", torch.float64).flatten().clone()
+    if w.numel() != num_classes:
+        raise ValueError(f"{name} must hold {num_classes} values (one per class), got {w.numel()}: {w.tolist()}.")
+    if not bool(torch.isfinite(w).all()) or bool((w < 0).any()):
+        raise ValueError(f"{name} must hold {num_classes} finite values >= 0, got {w.tolist()}.")
+    return w
 
 
 class NACLLoss(_Loss):
@@ -31,10 +70,12 @@ class NACLLoss(_Loss):
 
     .. math::
 
-        L = \\text{base}(x, y) + \\alpha \\cdot \\frac{1}{N C} \\sum_{i \\in \\text{valid}} \\sum_c d(\\tau_{ic}, z_{ic})
+        L = \\text{base}(x, y) + \\frac{1}{N C} \\sum_{i \\in \\text{valid}} \\sum_c \\lambda_c d(\\tau_{ic}, z_{ic})
 
     with ``z = x`` (logits, default) or ``softmax(x)``, ``d = |.|`` (``"l1"``) or ``(.)^2`` (``"l2"``), and τ
     the soft class proportions of the ground truth around each voxel (see :func:`monai_nacl.prior.neighbor_prior`).
+    ``λ_c = alpha`` for every class unless per-class weights are set (``penalty_weight``, class-adaptive NACL:
+    e.g. updated during training by :class:`monai_nacl.handlers.ClassAdaptivePenalty`).
     Murugesan et al., "Neighbor-Aware Calibration of Segmentation Networks with Penalty-Based Constraints",
     Medical Image Analysis, https://arxiv.org/abs/2401.14487.
 
@@ -51,7 +92,12 @@ class NACLLoss(_Loss):
         sigma: Gaussian sigma in voxels, used by ``kernel="gaussian"``.
         distance: ``"l1"`` or ``"l2"``.
         penalty_on: ``"logits"`` (paper) or ``"softmax"``.
-        alpha: penalty weight λ (a finite real number >= 0; ints, floats, NumPy scalars).
+        alpha: penalty weight λ of every class (a finite real number >= 0; ints, floats, NumPy scalars); not used
+            while ``penalty_weight`` is set.
+        penalty_weight: optional per-class penalty weights ``λ_c`` (``C`` finite values >= 0, zeros allowed) that
+            replace ``alpha``; ``[alpha] * C`` gives the scalar loss. Settable at any time (``loss.penalty_weight =
+            [...]``, validated; ``None`` returns to ``alpha``); kept as a float64 buffer that follows the module's
+            device, so a handler can change it during training without touching the optimizer.
         padding: ``"replicate"``, ``"zeros"`` (as MONAI) or ``"background"`` (as the authors' 2D code).
         ignore_index: label excluded from both terms and from every neighbourhood.
         weight: per-class weights of the CE term (length ``C``).
@@ -64,7 +110,8 @@ class NACLLoss(_Loss):
         ValueError: invalid option values here, each naming the option, the value and (for a wrong type) its type:
             unknown strings, ``kernel_size`` not odd positive integers (``3.0`` and ``True`` included), ``alpha``,
             ``sigma`` or ``lambda_dice`` not finite real numbers (or negative), ``ignore_index`` not an integer,
-            ``weight`` not ``C`` finite non-negative values with one > 0. In ``forward``: see :meth:`forward`.
+            ``weight`` not ``C`` finite non-negative values with one > 0, ``penalty_weight`` not ``C`` finite
+            non-negative values. In ``forward``: see :meth:`forward`.
 
     Example:
         >>> loss_fn = NACLLoss(num_classes=3)
@@ -74,6 +121,9 @@ class NACLLoss(_Loss):
         >>> loss.backward()
         >>> sorted(loss_fn.last_components)
         ['base', 'ce', 'penalty']
+        >>> loss_fn.penalty_weight = [0.05, 0.2, 0.2]  # class-adaptive: a weaker pull on the background
+        >>> loss_fn.penalty_weight.tolist()
+        [0.05, 0.2, 0.2]
     """
 
     def __init__(
@@ -92,6 +142,7 @@ class NACLLoss(_Loss):
         base: str = "ce",
         reduction: str = "mean",
         lambda_dice: float = 1.0,
+        penalty_weight: Sequence[float] | torch.Tensor | None = None,
     ) -> None:
         super().__init__(reduction=reduction)
         num_classes = check_num_classes(num_classes)
@@ -115,7 +166,7 @@ class NACLLoss(_Loss):
         self.spatial_dims = spatial_dims
         self.kernel = kernel
         self.kernel_size = ensure_kernel_size(kernel_size, spatial_dims)
-        self.sigma = _ensure_sigma(check_sigma(sigma), spatial_dims)
+        self.sigma = ensure_sigma(check_sigma(sigma), spatial_dims)
         self.distance = distance
         self.penalty_on = penalty_on
         self.alpha = check_number(alpha, "alpha", minimum=0.0)
@@ -124,6 +175,8 @@ class NACLLoss(_Loss):
         self.base = base
         self.lambda_dice = check_number(lambda_dice, "lambda_dice", minimum=0.0)
         self.register_buffer("class_weight", check_class_weight(weight, self.num_classes))
+        self.register_buffer("_penalty_weight", None)
+        self.penalty_weight = penalty_weight
         self.dice = (
             DiceLoss(
                 include_background=True,
@@ -138,6 +191,29 @@ class NACLLoss(_Loss):
         )
         self.last_components: dict[str, torch.Tensor] = {}
         self._next_prior: torch.Tensor | None = None
+
+    @property
+    def penalty_weight(self) -> torch.Tensor | None:
+        """Per-class penalty weights ``λ_c`` (float64, ``C`` values), or ``None`` when ``alpha`` weighs every class."""
+        return self._penalty_weight
+
+    @penalty_weight.setter
+    def penalty_weight(self, value: Sequence[float] | torch.Tensor | None) -> None:
+        """Validate and set the per-class penalty weights (``None``: back to the scalar ``alpha``).
+
+        Raises:
+            ValueError: not ``num_classes`` finite, non-negative numbers (the message names ``penalty_weight``).
+        """
+        if value is None:
+            self._penalty_weight = None
+            return
+        self._penalty_weight = check_penalty_weight(value, self.num_classes).to(self._buffer_device())
+
+    def _buffer_device(self) -> torch.device:
+        """The device of this module's buffers (CPU until the module is moved, or when it has none)."""
+        for buffer in self.buffers():
+            return buffer.device
+        return torch.device("cpu")
 
     def use_prior_once(self, prior: torch.Tensor) -> None:
         """Make the next ``forward`` call use this prior, then forget it.
@@ -215,7 +291,15 @@ class NACLLoss(_Loss):
         pen_scale = 1.0 / max(n_valid * self.num_classes, 1.0) if mean else 1.0
 
         total, ce, penalty = fused_ce_penalty(
-            input, index, tau, ce_weight, valid, pen_scale, self.alpha, self.distance, self.penalty_on == "softmax"
+            input,
+            index,
+            tau,
+            ce_weight,
+            valid,
+            pen_scale,
+            self._alphas(input),
+            self.distance,
+            self.penalty_on == "softmax",
         )
         base = ce
         components = {"ce": ce}
@@ -244,7 +328,11 @@ class NACLLoss(_Loss):
         diff = z - tau.to(x.dtype)
         d = diff.abs() if self.distance == "l1" else diff.square()
         pen = d.mean(1, keepdim=True)
-        out = ce + self.alpha * pen
+        lam = self._alphas(x)
+        if isinstance(lam, torch.Tensor):
+            out = ce + (d * lam.to(x.dtype).view(1, -1, *([1] * (d.ndim - 2)))).mean(1, keepdim=True)
+        else:
+            out = ce + lam * pen
         if valid is not None:
             out = out * valid
         if not bool(torch.isfinite(out).all()):
@@ -252,13 +340,20 @@ class NACLLoss(_Loss):
         self.last_components = {"ce": ce.detach(), "base": ce.detach(), "penalty": pen.detach()}
         return out
 
+    def _alphas(self, input: torch.Tensor) -> float | torch.Tensor:
+        """``alpha`` (a float), or the per-class weights on ``input``'s device when they are set."""
+        if self._penalty_weight is None:
+            return self.alpha
+        return self._penalty_weight.to(input.device, non_blocking=True)
+
     def _non_finite(self, input: torch.Tensor, tau: torch.Tensor) -> ValueError:
         """The error for a non-finite loss, naming the first non-finite argument (only on the error path)."""
         return non_finite_error(
             type(self).__name__,
             input,
             prior=tau,
-            alpha=self.alpha,
+            alpha=self.alpha if self._penalty_weight is None else None,
+            penalty_weight=self._penalty_weight,
             weight=self.class_weight,
             lambda_dice=self.lambda_dice if self.dice is not None else None,
         )

@@ -14,10 +14,10 @@ from monai.utils import convert_to_tensor
 from monai_nacl.prior import (
     KERNELS,
     PADDINGS,
-    _ensure_sigma,
     check_kernel_size,
     check_sigma,
     ensure_kernel_size,
+    ensure_sigma,
     kernel_size_from_spacing,
     neighbor_prior,
     sigma_from_spacing,
@@ -91,7 +91,7 @@ class NeighborPrior(Transform):
         """Per-axis kernel size and sigma (voxels) used for this label."""
         spatial_dims = label.ndim - 1
         if self.neighborhood_mm is None:
-            return ensure_kernel_size(self.kernel_size, spatial_dims), _ensure_sigma(self.sigma, spatial_dims)
+            return ensure_kernel_size(self.kernel_size, spatial_dims), ensure_sigma(self.sigma, spatial_dims)
         if not isinstance(label, MetaTensor):
             raise ValueError("neighborhood_mm needs the label's spacing: pass a MetaTensor (e.g. from LoadImaged).")
         spacing = [float(s) for s in label.pixdim[:spatial_dims]]

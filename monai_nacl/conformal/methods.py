@@ -1,19 +1,22 @@
-"""Split-conformal prediction on top of calibrated segmentation probabilities.
+"""Split-conformal methods on top of calibrated segmentation probabilities.
 
-Three methods, each fitted on a calibration split of labelled cases and then applied to new cases
-(definitions and guarantees in ``docs/conformal.md``):
+Three methods, each fitted on a calibration split of labelled cases and then applied to new cases (definitions and
+guarantees in ``docs/conformal.md``). The exchangeable unit is the **case** (a labelled volume): voxels of one volume
+are correlated, so every finite-sample correction below counts cases, never voxels.
 
-* :class:`ConformalPredictionSets` -- voxel-wise prediction sets (LAC score ``1 - p_true``, or APS), with the
-  finite-sample quantile ``ceil((n + 1)(1 - alpha))``-th smallest score.
+* :class:`ConformalPredictionSets` -- voxel-wise prediction sets (LAC score ``1 - p_true``, or APS), never empty (the
+  argmax class is always in). Guarantee: the expected fraction of a new case's voxels whose set holds the true class
+  is at least ``1 - alpha`` (conformal risk control with the per-case miscoverage fraction as the loss).
 * :class:`ConformalRiskControl` -- per structure, an *outer* mask ``{p_c >= t_out}`` whose expected false-negative
   rate is at most ``alpha`` and an *inner* mask ``{p_c >= t_in}`` whose expected false-positive volume (relative to
   the structure's true volume, clipped at 1) is at most ``alpha`` (conformal risk control, Angelopoulos et al. 2022).
-* :class:`ConformalVolumeIntervals` -- per case and structure, an interval for the structure's volume in mL with
-  coverage ``1 - alpha`` (conformalised normalised residuals of the expected volume).
+* :class:`ConformalVolumeIntervals` -- per case and structure, an interval for the structure's volume in mL that
+  holds the true volume with probability ``>= 1 - alpha`` (conformalised normalised residuals of the expected volume).
 
 Every fitted object stores plain floats and tensors: ``state_dict()`` / ``load_state_dict()`` and ``to_json()`` /
-``from_json()`` keep it beside a model's weights. The guarantees assume calibration and test cases are
-exchangeable (e.g. drawn i.i.d. from the same population and scanned alike).
+``from_json()`` keep it beside a model's weights (``monai_nacl.conformal.record``). The guarantees assume the
+calibration cases and the new case are exchangeable (e.g. drawn i.i.d. from the same population and scanned alike),
+and are marginal: on average over calibration sets and new cases.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from monai_nacl.validation import (
 __all__ = [
     "conformal_quantile_index",
     "conformal_quantile",
+    "case_conformal_quantile",
     "crc_threshold_index",
     "ConformalPredictionSets",
     "ConformalRiskControl",
@@ -100,6 +104,56 @@ def conformal_quantile(scores: torch.Tensor, alpha: float) -> float:
     if k > s.numel():
         return math.inf
     return float(torch.kthvalue(s.double().cpu(), k).values)
+
+
+def case_conformal_quantile(case_scores: Sequence[torch.Tensor], alpha: float) -> float:
+    """The smallest threshold ``q`` whose expected per-case miscoverage is controlled at ``alpha`` with the cases
+    (not the scores) exchangeable.
+
+    Case ``i`` has ``m_i`` scores; its loss at ``q`` is the fraction of them above ``q``, ``L_i(q) in [0, 1]``,
+    non-increasing in ``q``. Conformal risk control picks the smallest ``q`` with
+    ``n/(n+1) * mean_i L_i(q) + 1/(n+1) <= alpha``, i.e. ``sum_i F_i(q) >= (n + 1)(1 - alpha)`` with ``F_i`` the
+    fraction of case ``i``'s scores ``<= q``: a quantile of the pooled scores in which each score of case ``i`` weighs
+    ``1 / m_i``. Then, for a new exchangeable case, the expected fraction of its scores ``<= q`` is ``>= 1 - alpha``.
+    With one score per case this is :func:`conformal_quantile`.
+
+    Args:
+        case_scores: one 1-D tensor of finite scores per case (each case's scores a uniform sample of its voxels, or
+            all of them).
+        alpha: miscoverage level in ``(0, 1)``.
+
+    Returns:
+        ``q``; ``+inf`` when ``(n + 1)(1 - alpha) > n`` (``n < 1/alpha - 1`` cases: too few for ``alpha``).
+
+    Raises:
+        ValueError: no case, a case without scores, NaN/Inf scores, ``alpha`` outside ``(0, 1)``.
+
+    Example:
+        >>> cases = [torch.tensor([0.1, 0.3]), torch.tensor([0.2]), torch.tensor([0.4]), torch.tensor([0.5])]
+        >>> q = case_conformal_quantile(cases, 0.4)  # 0.4: 0.1 and 0.3 weigh 1/2, cumulative 0.5, 1.5, 2, 3 >= 5 * 0.6
+    """
+    alpha = _check_alpha(alpha)
+    n = len(case_scores)
+    if n == 0:
+        raise ValueError("the calibration set is empty (no case): call update() with labelled cases first.")
+    flat, weights = [], []
+    for i, s in enumerate(case_scores):
+        s = as_tensor(torch.as_tensor(s)).detach().flatten().double().cpu()
+        if s.numel() == 0:
+            raise ValueError(f"case {i} has no calibration scores.")
+        flat.append(s)
+        weights.append(torch.full_like(s, 1.0 / s.numel()))
+    scores, w = torch.cat(flat), torch.cat(weights)
+    if not bool(torch.isfinite(scores).all()):
+        raise ValueError("scores contain NaN or Inf.")
+    target = (n + 1) * (1.0 - alpha)
+    target -= 1e-9 * target  # (19 + 1) * 0.9 must reach 18, not miss it through rounding
+    if target > n:
+        return math.inf
+    order = torch.argsort(scores, stable=True)
+    cum = w[order].cumsum(0)
+    j = int(torch.searchsorted(cum, torch.tensor([target], dtype=cum.dtype)))
+    return float(scores[order[min(j, scores.numel() - 1)]])
 
 
 def crc_threshold_index(loss_sum: torch.Tensor, n: int, alpha: float, increasing: bool) -> int:
@@ -254,7 +308,11 @@ class _Conformal:
             setattr(self, key, _from_jsonable(state[key]))
         for key in self._tensor_keys:
             value = state[key]
-            t = value.detach().cpu() if isinstance(value, torch.Tensor) else torch.tensor(_from_jsonable(value))
+            t = (
+                value.detach().cpu()
+                if isinstance(value, torch.Tensor)
+                else torch.tensor(_from_jsonable(value), dtype=torch.float64)
+            )
             setattr(self, key, t.to(torch.float64))
 
     def to_json(self) -> str:
@@ -289,27 +347,31 @@ def _aps_scores(p: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
 
 
 class ConformalPredictionSets(_Conformal):
-    """Voxel-wise split-conformal prediction sets from calibrated probabilities.
+    """Voxel-wise split-conformal prediction sets from calibrated probabilities, never empty.
 
     Score of a voxel with true class ``y``: ``1 - p_y`` (``method="lac"``, the smallest sets on average) or
     ``sum_{j ranked above y} p_j + u p_y`` with ``u ~ U[0, 1)`` per voxel (``method="aps"``, randomised adaptive
     sets; ``u`` from ``seed`` in :meth:`predict`, so a given input always gets the same sets). The set of a new voxel
-    is ``{c : score_c <= q}``, ``q`` the ``ceil((n+1)(1-alpha))``-th smallest of the ``n`` calibration scores. Both
-    cover at least ``1 - alpha`` and at most ``1 - alpha + 1/(n+1)`` (scores without ties).
+    is ``{c : score_c <= q}`` plus its argmax class (ties: the lowest index), so no set is empty; adding a class never
+    lowers coverage, so the guarantee below holds with or without it.
 
-    Sampling: :meth:`update` keeps at most ``voxels_per_volume`` voxels per volume, drawn uniformly without
-    replacement among its labelled voxels, and at most ``max_scores`` in total (uniform thinning beyond), so memory
-    is bounded whatever the number and size of the volumes. Voxels of one volume are correlated and not
-    exchangeable with voxels of other volumes; the guarantee is over the *sampled voxel distribution* (a uniformly
-    random voxel of a random case, each case weighted equally) with the cases exchangeable. It is exact with
-    ``voxels_per_volume=1``; with more voxels per volume the coverage is still ``1 - alpha`` on average over that
-    distribution, while the finite-sample margin is that of the number of volumes rather than of voxels.
+    **Guarantee (cases exchangeable, not voxels).** ``q`` is :func:`case_conformal_quantile` of the per-case score
+    samples: conformal risk control with the per-case loss "fraction of the case's voxels whose true class is not in
+    its set". For a new case exchangeable with the ``n`` calibration cases, the expected fraction of its voxels
+    covered is ``>= 1 - alpha`` (each case weighted equally, every voxel of a case equally; marginal over calibration
+    sets and cases, not per case, per voxel or per class: background voxels dominate it). The finite-sample
+    correction counts cases: with ``n < 1/alpha - 1`` cases ``q = +inf`` and every set holds every class. With one
+    voxel per case it is the usual voxel-level split-conformal quantile.
+
+    Sampling: :meth:`update` keeps at most ``voxels_per_volume`` scores per case, a uniform sample without replacement
+    of its labelled voxels (an unbiased estimate of its loss curve; memory bounded whatever the volume size). Beyond
+    ``max_scores`` in all, every case is thinned uniformly in proportion (keeping at least one score per case).
 
     Args:
         num_classes: number of classes ``C``.
         method: ``"lac"`` or ``"aps"``.
-        voxels_per_volume: calibration voxels sampled per volume.
-        max_scores: cap on all stored scores.
+        voxels_per_volume: calibration voxels sampled per case.
+        max_scores: cap on all stored scores (at least one per case is kept).
         ignore_index: label value never sampled.
         class_names: optional names, stored with the fitted state.
         spatial_dims: spatial dimensions of the volumes (3: ``B,C,H,W,D``).
@@ -317,14 +379,14 @@ class ConformalPredictionSets(_Conformal):
 
     Example:
         >>> sets = ConformalPredictionSets(num_classes=3)
-        >>> probs = torch.softmax(torch.randn(2, 3, 8, 8, 8), 1)
-        >>> sets.update(probs, torch.randint(0, 3, (2, 1, 8, 8, 8)))
+        >>> probs = torch.softmax(torch.randn(20, 3, 8, 8, 8), 1)
+        >>> sets.update(probs, torch.randint(0, 3, (20, 1, 8, 8, 8)))
         >>> q = sets.fit(alpha=0.1)
-        >>> mask = sets.predict(probs)  # bool 2,3,8,8,8; mask[:, c] is True where class c is in the set
+        >>> mask = sets.predict(probs)  # bool 20,3,8,8,8; mask[:, c] is True where class c is in the set
     """
 
     kind = "prediction_sets"
-    _config_keys = ("method", "threshold", "n", "num_volumes", "seed")
+    _config_keys = ("method", "threshold", "n", "num_scores", "seed")
 
     def __init__(
         self,
@@ -344,17 +406,21 @@ class ConformalPredictionSets(_Conformal):
         self.voxels_per_volume = check_integer(voxels_per_volume, "voxels_per_volume", minimum=1)
         self.max_scores = check_integer(max_scores, "max_scores", minimum=1)
         self.ignore_index = None if ignore_index is None else check_integer(ignore_index, "ignore_index")
-        self.seed = int(seed)
+        self.seed = check_integer(seed, "seed")
         self.generator = torch.Generator().manual_seed(self.seed)
         self.threshold: float = math.nan
         self.n = 0
+        self.num_scores = 0
         self.reset()
 
     def reset(self) -> None:
         """Forget the calibration scores (the fitted threshold stays)."""
-        self._scores: list[torch.Tensor] = []
-        self._count = 0
-        self.num_volumes = 0
+        self._scores: list[torch.Tensor] = []  # one tensor per case
+
+    @property
+    def num_volumes(self) -> int:
+        """Calibration cases accumulated since the last :meth:`reset`."""
+        return len(self._scores)
 
     def scores(self, probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Conformity scores of every class at every voxel, ``B,C,*spatial`` (lower = more conforming).
@@ -362,6 +428,9 @@ class ConformalPredictionSets(_Conformal):
         Args:
             probs: probabilities ``B,C,*spatial``.
             generator: CPU generator of the APS uniform draws (default: this object's sampling generator).
+
+        Returns:
+            the scores, same shape and (floating) dtype as ``probs``.
         """
         p = probs.float() if not probs.is_floating_point() else probs
         if self.method == "lac":
@@ -371,7 +440,7 @@ class ConformalPredictionSets(_Conformal):
         return _aps_scores(p, u.to(p.device))
 
     def update(self, probs: torch.Tensor, labels: torch.Tensor) -> None:
-        """Add calibration volumes.
+        """Add calibration cases (each batch item is one case; a case without a labelled voxel is skipped).
 
         Args:
             probs: calibrated probabilities ``B,C,*spatial`` or ``C,*spatial``.
@@ -395,39 +464,41 @@ class ConformalPredictionSets(_Conformal):
             s = self.scores(pb[None])[0]
             true = yb[idx].long()
             self._scores.append(s.gather(0, true[None])[0].double().cpu())
-            self._count += idx.numel()
-            self.num_volumes += 1
-        if self._count > self.max_scores:
-            s = torch.cat(self._scores)
-            self._scores = [s[torch.randperm(s.numel(), generator=self.generator)[: self.max_scores]]]
-            self._count = self.max_scores
+        total = sum(s.numel() for s in self._scores)
+        if total > self.max_scores:  # thin every case in proportion: each keeps a uniform sample of its voxels
+            ratio = self.max_scores / total
+            thinned = []
+            for s in self._scores:
+                k = max(1, int(s.numel() * ratio))
+                thinned.append(s[torch.randperm(s.numel(), generator=self.generator)[:k]] if k < s.numel() else s)
+            self._scores = thinned
 
     def calibration_scores(self) -> torch.Tensor:
-        """The stored calibration scores (1-D ``float64``)."""
+        """The stored calibration scores of all cases, concatenated (1-D ``float64``)."""
         return torch.cat(self._scores) if self._scores else torch.zeros(0, dtype=torch.float64)
 
     def fit(self, alpha: float) -> float:
-        """Fit the threshold for miscoverage ``alpha``.
+        """Fit the threshold for miscoverage ``alpha`` (:func:`case_conformal_quantile` of the per-case scores).
 
         Args:
-            alpha: in ``(0, 1)``; the sets contain the true class with probability ``>= 1 - alpha``.
+            alpha: in ``(0, 1)``; the expected fraction of a new case's voxels covered is ``>= 1 - alpha``.
 
         Returns:
-            the score threshold ``q`` (``+inf`` when ``ceil((n+1)(1-alpha)) > n``: every set is all classes).
+            the score threshold ``q`` (``+inf`` with ``n < 1/alpha - 1`` cases: every set is all classes).
 
         Raises:
-            ValueError: ``alpha`` outside ``(0, 1)``; no calibration scores.
+            ValueError: ``alpha`` outside ``(0, 1)``; no calibration case.
         """
         alpha = _check_alpha(alpha)
-        scores = self.calibration_scores()
-        if scores.numel() == 0:
+        if not self._scores:
             raise ValueError("the calibration set is empty: call update(probs, labels) with labelled volumes first.")
-        self.threshold = conformal_quantile(scores, alpha)
-        self.alpha, self.n = alpha, int(scores.numel())
+        self.threshold = case_conformal_quantile(self._scores, alpha)
+        self.alpha, self.n, self.num_scores = alpha, len(self._scores), int(self.calibration_scores().numel())
         return self.threshold
 
     def predict(self, probs: torch.Tensor) -> torch.Tensor:
-        """Prediction sets as a boolean mask ``B,C,*spatial`` (``C,*spatial`` for an unbatched input).
+        """Prediction sets as a boolean mask ``B,C,*spatial`` (``C,*spatial`` for an unbatched input); every voxel's
+        set holds at least its argmax class.
 
         Raises:
             ValueError: not fitted, class-count mismatch, non-probabilities.
@@ -438,6 +509,7 @@ class ConformalPredictionSets(_Conformal):
             out = torch.ones_like(p, dtype=torch.bool)
         else:  # the score as in calibration, so a voxel scoring exactly q is in its set
             out = self.scores(p, torch.Generator().manual_seed(self.seed)) <= self.threshold
+            out.scatter_(1, p.argmax(1, keepdim=True), True)  # never empty
         return out[0] if single else out
 
 
@@ -714,6 +786,23 @@ class ConformalVolumeIntervals(_Conformal):
         self.quantile = self.quantile.to(torch.float64)
         self.alpha, self.n = alpha, int(s.shape[0])
         return self.quantile.clone()
+
+    def estimate(self, probs: torch.Tensor, spacing: object = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Expected volume ``V_hat`` and scale ``s`` (both mL) of every class, the centre and unit of the interval.
+
+        Args:
+            probs: calibrated probabilities ``B,C,*spatial`` or ``C,*spatial``.
+            spacing: voxel spacing in mm, as in :meth:`update`.
+
+        Returns:
+            ``(expected, scale)``, ``float64`` ``B,C`` (``C`` for an unbatched input). Needs no fitting.
+
+        Raises:
+            ValueError: class-count mismatch, non-probabilities, bad spacing.
+        """
+        p, single = self._probs(probs)
+        expected, scale = self._estimate(p, None, self._voxel_ml(spacing, p.shape[0]))
+        return (expected[0], scale[0]) if single else (expected, scale)
 
     def predict(self, probs: torch.Tensor, spacing: object = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Volume intervals in mL.

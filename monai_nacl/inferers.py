@@ -1,0 +1,70 @@
+"""Mirror test-time augmentation around any MONAI inferer."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from monai.inferers import Inferer
+
+__all__ = ["MirrorInferer"]
+
+
+class MirrorInferer(Inferer):
+    """Average a network's logits over every combination of mirrored spatial axes (nnU-Net's test-time mirroring).
+
+    Each of the ``2 ** len(spatial_axes)`` flipped copies of the input goes through ``inferer``, the output is
+    flipped back and the logits are averaged. Logits, not probabilities, are averaged so the result is still a
+    logit map: the bundles' postprocessing applies the softmax, and a temperature fitted through this inferer
+    scales the averaged logits (fit the temperature with the same inferer it is served with — ``calibrate.json``
+    uses ``validate#inferer``, so switching the option before calibrating keeps the two consistent).
+
+    Args:
+        inferer: the inferer to wrap, e.g. ``SlidingWindowInferer``; ``SimpleInferer`` when omitted.
+        spatial_axes: spatial axes to mirror, counted from the first spatial dimension (0, 1, 2 for 3D).
+
+    Raises:
+        ValueError: ``spatial_axes`` empty, repeated, negative or beyond the input's spatial dimensions.
+
+    Example::
+
+        from monai.inferers import SlidingWindowInferer
+        inferer = MirrorInferer(SlidingWindowInferer(roi_size=(40, 56, 40), mode="gaussian"))
+        logits = inferer(image, network)  # the mean over 8 mirrorings
+    """
+
+    def __init__(self, inferer: Inferer | None = None, spatial_axes: Sequence[int] = (0, 1, 2)) -> None:
+        super().__init__()
+        axes = tuple(int(a) for a in spatial_axes)
+        if not axes or len(set(axes)) != len(axes) or min(axes) < 0:
+            raise ValueError(f"spatial_axes must be distinct non-negative axes, got {tuple(spatial_axes)}")
+        if inferer is not None and not callable(inferer):
+            raise ValueError(f"inferer must be a MONAI inferer (callable), got {type(inferer).__name__}")
+        self.inferer = inferer
+        self.spatial_axes = axes
+
+    def __call__(self, inputs: torch.Tensor, network: Callable[..., torch.Tensor], *args: Any, **kwargs: Any):
+        spatial_dims = inputs.ndim - 2
+        if max(self.spatial_axes) >= spatial_dims:
+            raise ValueError(
+                f"spatial_axes {self.spatial_axes} do not fit an input with {spatial_dims} spatial dimensions "
+                f"(shape {tuple(inputs.shape)})"
+            )
+        run = self.inferer if self.inferer is not None else (lambda x, net, *a, **k: net(x, *a, **k))
+        total = None
+        count = 0
+        for n in range(len(self.spatial_axes) + 1):
+            for subset in itertools.combinations(self.spatial_axes, n):
+                dims = [a + 2 for a in subset]
+                x = torch.flip(inputs, dims) if dims else inputs
+                out = run(x, network, *args, **kwargs)
+                if not isinstance(out, torch.Tensor):
+                    raise TypeError(f"MirrorInferer needs a tensor output, the network returned {type(out).__name__}")
+                out = torch.flip(out, dims) if dims else out
+                # half-precision (AMP) outputs are summed in float32, float64 stays float64
+                acc = out.to(torch.promote_types(out.dtype, torch.float32))
+                total = acc if total is None else total + acc
+                count += 1
+        return (total / count).to(out.dtype)
