@@ -72,7 +72,8 @@ def test_train_evaluate_infer_workflows(tmp_path):
     assert check_calibration_record(model) == []
     record = read_calibration_record(model)
     assert record["epoch"] == 1 and "val_mean_dice" in record["metric"] and record["voxels"] > 0
-    assert torch.load(model, weights_only=True)["temperature"].item() != 1.0
+    fitted = torch.load(model, weights_only=True)["temperature"]
+    assert fitted.shape == (2,) and not torch.equal(fitted, torch.ones(2))  # elsewhere / near the structures
     # a completed run leaves no resume checkpoint, and none in the model folder
     assert not list((tmp_path / "checkpoints").glob("*.pt"))
     assert sorted(p.name for p in (tmp_path / "models").iterdir()) == ["model.calibration.json", "model.pt"]
@@ -93,6 +94,10 @@ def test_train_evaluate_infer_workflows(tmp_path):
     torch.testing.assert_close(state["temperature"], before, rtol=1e-3, atol=0)
     assert check_calibration_record(model) == []
     assert read_calibration_record(model)["fitted_by"] == "TemperatureFitHandler"
+    from monai_nacl.conformal import check_conformal_record, read_conformal_record
+
+    assert check_conformal_record(model) == []  # fitted after the temperatures, for these weights
+    assert read_conformal_record(model)["fitted_by"] == "ConformalFitHandler"
 
     infer = _workflow(
         QUICKSTART,
@@ -119,6 +124,18 @@ def test_train_evaluate_infer_workflows(tmp_path):
         assert s["volume_ml"] == pytest.approx(s["voxels"] / 1000.0)  # 1 mm voxels
         if s["voxels"]:
             assert 0.0 <= s["mean_entropy"] <= 1.0 and 0.0 < s["mean_max_probability"] <= 1.0
+    # conformal outputs from the record calibrate.json wrote: masks in the input geometry, intervals per structure
+    inner = np.asarray(nib.load(tmp_path / "out" / f"{case}_inner.nii.gz").dataobj)
+    outer = np.asarray(nib.load(tmp_path / "out" / f"{case}_outer.nii.gz").dataobj)
+    assert inner.shape == outer.shape == (*src.shape, 3) and inner.dtype == outer.dtype == np.uint8
+    assert set(np.unique(outer).tolist()) <= {0, 1}
+    import csv
+
+    with open(tmp_path / "out" / "volume_intervals.csv", newline="") as f:
+        rows = [r for r in csv.DictReader(f) if case in r["image"]]
+    assert [r["structure"] for r in rows] == ["core", "shell", "cap"]
+    for r in rows:
+        assert float(r["low_ml"]) <= float(r["expected_volume_ml"]) <= float(r["high_ml"])
 
 
 def test_training_killed_mid_epoch_resumes_with_its_best_model_state(tmp_path):
@@ -318,7 +335,7 @@ def test_prior_reaches_the_loss_in_training(tmp_path):
 
 def test_shipped_model_loads_plain():
     state = torch.load(QUICKSTART / "models" / "model.pt", weights_only=True)
-    assert "temperature" in state and state["temperature"].numel() == 1
+    assert "temperature" in state and state["temperature"].numel() == 2  # elsewhere / near the structures
     parser = ConfigParser()
     parser.read_config(str(QUICKSTART / "configs" / "inference.json"))
     network = parser.get_parsed_content("network_def")
@@ -335,7 +352,8 @@ def test_quickstart_command_runs_train_calibrate_evaluate(tmp_path):
     metrics = main(["--out", str(tmp_path), "--epochs", "1"])
     assert {"val_mean_dice", "val_ece", "val_cece", "val_hd95"} <= set(metrics)
     assert (tmp_path / "eval" / "reliability.png").is_file()
-    assert torch.load(tmp_path / "models" / "model.pt", weights_only=True)["temperature"].item() != 1.0
+    fitted = torch.load(tmp_path / "models" / "model.pt", weights_only=True)["temperature"]
+    assert fitted.shape == (2,) and not torch.equal(fitted, torch.ones(2))
 
 
 HIPPO_BUNDLE = ROOT / "bundles" / "hippocampus_mri_nacl_segmentation"

@@ -201,3 +201,15 @@ def test_datalist_check_names_a_bad_case(tmp_path):
     cause = info.value.__cause__
     assert isinstance(cause, ValueError)
     assert case in str(cause) and "label values [7]" in str(cause)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_the_prior_is_cached_in_float16(name, tmp_path):
+    from monai.data import MetaTensor
+
+    wf = _workflow(name, ["train.json"], "train", dataset_dir=str(write_fixture(DATASETS[name]["layout"], tmp_path, 6)))
+    prior = wf.parser.get_parsed_content("train#prior_transform")
+    label = MetaTensor(torch.zeros(1, 8, 8, 8), affine=torch.diag(torch.tensor([*DATASETS[name]["pixdim"], 1.0])))
+    out = prior({"label": label})["prior"]
+    assert out.dtype == torch.float16 and out.shape[0] == len(DATASETS[name]["classes"])
+    assert torch.equal(out[0].float(), torch.ones(8, 8, 8))  # all background: tau = 1 for class 0, exactly

@@ -516,6 +516,29 @@ def main() -> int:
         except Exception as e:
             steps.fail("f", f"probabilities: {type(e).__name__}: {e}")
         try:
+            import numpy as np
+
+            result, path = infer(base, case, {"output_kind": "outer_mask"}, work, "outer", args.infer_timeout)
+            outer, aff = load_nifti(path)
+            img, img_aff = load_nifti(image)
+            outer = np.squeeze(outer)
+            check(same_geometry(outer.shape, aff, img.shape, img_aff), "outer mask geometry differs")
+            check(set(np.unique(outer).tolist()) <= {0, 1, 2}, f"outer mask values {np.unique(outer)}")
+            covered = ""
+            if seg_path is not None:
+                seg = np.squeeze(load_nifti(seg_path)[0])
+                frac = float(((outer > 0) | (seg == 0)).mean())
+                check(frac > 0.99, f"outer mask misses {1 - frac:.4f} of the segmented voxels")
+                covered = f", holds the segmentation's foreground on {frac:.4f} of voxels"
+            intervals = (result or {}).get("volume_intervals", {}).get("structures", {})
+            check(set(intervals) == {"anterior", "posterior"}, f"volume_intervals in the result JSON: {intervals}")
+            for name, v in intervals.items():
+                check(v["low_ml"] <= v["expected_volume_ml"] <= v["high_ml"], f"{name} interval {v}")
+            widths = ", ".join(f"{k} {v['low_ml']:.2f}-{v['high_ml']:.2f} mL" for k, v in intervals.items())
+            steps.passed("f", f"conformal outer mask: {int((outer > 0).sum())} voxels{covered}; intervals {widths}")
+        except Exception as e:
+            steps.fail("f", f"conformal outputs: {type(e).__name__}: {e}")
+        try:
             check(summary_of is not None, "no result JSON (the entropy request failed)")
             steps.passed("f", f"summary in the result JSON of {case}: " + check_summary(summary_of))
         except Exception as e:
@@ -538,6 +561,11 @@ def main() -> int:
                 check(after_sha != before_sha and (models / "model.pt").stat().st_mtime > before_mtime, "not rewritten")
                 check(record.is_file(), f"{record.name} missing; models/: {sorted(p.name for p in models.iterdir())}")
                 check(record.read_bytes() != record_before, f"{record.name} not rewritten")
+                # conformal thresholds of the old weights must not survive next to the new ones
+                conformal = models / "model.conformal.json"
+                if conformal.is_file():
+                    fingerprints = [json.loads(f.read_text())["weights_fingerprint"] for f in (record, conformal)]
+                    check(fingerprints[0] == fingerprints[1], "a stale model.conformal.json was left beside model.pt")
                 rec = json.loads(record.read_text())
                 check("weights_fingerprint" in rec, f"no weights_fingerprint in {record.name}: {sorted(rec)}")
                 fp, calibrated_for = fingerprint_of(bundle)

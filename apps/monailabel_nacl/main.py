@@ -73,6 +73,21 @@ class NACLBundleTrainTask(BundleTrainTask):
         return overrides
 
 
+class NACLBundleInferTask(BundleInferTask):
+    """``BundleInferTask`` whose postprocessing reads the records of the weights it serves: a request's
+    ``model_filename`` (e.g. ``model_dice_ce.pt``) sets the bundle's ``weights_file``, so the conformal masks and
+    volume intervals come from that file's record (none: no conformal outputs), never from ``model.pt``'s."""
+
+    def post_transforms(self, data=None):
+        name = (data or {}).get("model_filename") or "model.pt"
+        name = name if isinstance(name, str) else name[0]
+        served = Path(self.path[0]).parent / name
+        if self.bundle_config.get("weights_file") is not None:
+            # the loader falls back to model.pt for a name it cannot find (basic_infer._get_network)
+            self.bundle_config["weights_file"] = str(served if served.is_file() else Path(self.path[0]))
+        return super().post_transforms(data)
+
+
 class NACLBundleApp(MONAILabelApp):
     def __init__(self, app_dir, studies, conf):
         self.bundles = find_bundles(conf.get("bundles"), Path(app_dir) / "model")
@@ -91,7 +106,7 @@ class NACLBundleApp(MONAILabelApp):
         infers = {}
         for name, path in self.bundles.items():
             if has_config(path, INFER_CONFIGS) and has_weights(path):
-                task = BundleInferTask(str(path), self.conf, load_strict=self.load_strict)
+                task = NACLBundleInferTask(str(path), self.conf, load_strict=self.load_strict)
                 if task.is_valid():
                     infers[name] = task
         return infers

@@ -19,7 +19,7 @@ from monai.utils import look_up_option
 __all__ = ["OUTPUT_KINDS", "StructureSummaryd", "SelectOutputd"]
 
 logger = logging.getLogger(__name__)
-OUTPUT_KINDS = ("segmentation", "probabilities", "entropy")
+OUTPUT_KINDS = ("segmentation", "probabilities", "entropy", "outer_mask", "inner_mask")
 
 
 def _stem(path: str) -> str:
@@ -109,17 +109,24 @@ class StructureSummaryd(MapTransform):
 
 class SelectOutputd(MapTransform):
     """Replace ``keys`` (the output a client receives, e.g. MONAI Label's ``pred``) by the output asked for:
-    ``"segmentation"`` (kept, as uint8), ``"probabilities"`` (``prob_key``, float32) or ``"entropy"``
-    (``entropy_key``, float32). A list (as MONAI Label passes an option's choices) selects its first entry.
+    ``"segmentation"`` (kept, as uint8), ``"probabilities"`` (``prob_key``, float32), ``"entropy"``
+    (``entropy_key``, float32), or the conformal ``"outer_mask"`` / ``"inner_mask"`` of
+    :class:`~monai_nacl.transforms.ConformalMasksd` as one uint8 label map (class ``c`` where structure ``c``'s
+    mask holds; where two structures' masks overlap, the more probable one). A list (as MONAI Label passes an
+    option's choices) selects its first entry.
 
     Args:
         keys: the output key.
         output_kind: one of :data:`OUTPUT_KINDS`.
         prob_key: key of the probabilities.
         entropy_key: key of the voxel entropy.
+        outer_key: key of the outer masks (one channel per structure).
+        inner_key: key of the inner masks.
+        mask_classes: the class index of each mask channel (default ``1 .. S``, as ``ConformalMasksd`` writes them).
 
     Raises:
-        ValueError: ``output_kind`` is not one of :data:`OUTPUT_KINDS`.
+        ValueError: ``output_kind`` is not one of :data:`OUTPUT_KINDS`; at call time, a mask output asked for where
+            no conformal masks were computed (no record fitted for the served weights).
     """
 
     def __init__(
@@ -128,18 +135,45 @@ class SelectOutputd(MapTransform):
         output_kind: str | Sequence[str] = "segmentation",
         prob_key: str = "prob",
         entropy_key: str = "entropy",
+        outer_key: str = "conformal_outer",
+        inner_key: str = "conformal_inner",
+        mask_classes: Sequence[int] | None = None,
     ) -> None:
         super().__init__(keys)
         if not isinstance(output_kind, str) and isinstance(output_kind, Sequence) and output_kind:
             output_kind = output_kind[0]
         self.output_kind = look_up_option(output_kind, OUTPUT_KINDS)
         self.prob_key, self.entropy_key = prob_key, entropy_key
+        self.outer_key, self.inner_key = outer_key, inner_key
+        self.mask_classes = None if mask_classes is None else [int(c) for c in mask_classes]
+
+    def _mask_labels(self, d: Mapping) -> torch.Tensor:
+        key = self.outer_key if self.output_kind == "outer_mask" else self.inner_key
+        if key not in d:
+            raise ValueError(
+                f"output_kind {self.output_kind!r}: no {key!r} in this output, i.e. no conformal record fitted for "
+                "the served weights (run the bundle's calibrate.json, which fits one)."
+            )
+        masks = torch.as_tensor(d[key]).bool()
+        prob = torch.as_tensor(d[self.prob_key]).float()
+        classes = self.mask_classes or list(range(1, masks.shape[0] + 1))
+        if len(classes) != masks.shape[0]:
+            raise ValueError(f"mask_classes {classes} do not match {masks.shape[0]} mask channels in {key!r}.")
+        # per voxel, the most probable structure among those whose mask holds it; 0 where none does
+        score = torch.where(masks, prob[classes], torch.tensor(-1.0))
+        best, idx = score.max(0)
+        labels = torch.tensor(classes, dtype=torch.uint8)[idx]
+        return torch.where(best >= 0, labels, torch.zeros_like(labels))[None]
 
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
         d = dict(data)
         for key in self.key_iterator(d):
             if self.output_kind == "segmentation":
                 d[key] = d[key].to(torch.uint8) if isinstance(d[key], torch.Tensor) else np.asarray(d[key], np.uint8)
+            elif self.output_kind in ("outer_mask", "inner_mask"):
+                labels = self._mask_labels(d)
+                # keep the segmentation's metadata (affine, file name) for the writer
+                d[key] = d[key].clone().to(torch.uint8).copy_(labels) if isinstance(d[key], torch.Tensor) else labels
             else:
                 source = self.prob_key if self.output_kind == "probabilities" else self.entropy_key
                 d[key] = d[source].float() if isinstance(d[source], torch.Tensor) else np.float32(d[source])
