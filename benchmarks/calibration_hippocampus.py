@@ -182,8 +182,8 @@ def evaluate(
     from monai.metrics import compute_dice, compute_hausdorff_distance
     from monai.networks.utils import one_hot
 
-    from monai_nacl.calibration import TemperatureFitter, apply_temperature
     from monai_nacl.metrics import CalibrationMetric
+    from monai_nacl.temperature import TemperatureFitter, apply_temperature
 
     parser, datalist_ = _bundle_parts(args, datalist)
     if network is None:

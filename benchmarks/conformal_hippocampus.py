@@ -353,8 +353,8 @@ def main(argv: list[str] | None = None) -> dict:
 
 def write_record(network, model: str, out: Path, fits: list) -> Path:
     """The conformal record of the shipped weights (calibrated temperatures), beside a copy of them in ``out``."""
-    from monai_nacl.calibration import weights_fingerprint
     from monai_nacl.conformal import conformal_record_path, save_conformal
+    from monai_nacl.temperature import weights_fingerprint
 
     weights = out / model
     shutil.copyfile(BUNDLE / "models" / model, weights)

@@ -4,6 +4,15 @@ __version__ = "0.1.0"
 
 # Subpackages are imported so that bundle expressions such as `$monai_nacl.data.check_datalist(...)` work
 # after a plain `$import monai_nacl`.
-from monai_nacl import calibration, data, handlers, inferers, losses, metrics, transforms  # noqa: E402
+from monai_nacl import data, handlers, inferers, losses, metrics, temperature, transforms  # noqa: E402
 
-__all__ = ["calibration", "data", "handlers", "inferers", "losses", "metrics", "transforms", "__version__"]
+__all__ = ["data", "handlers", "inferers", "losses", "metrics", "temperature", "transforms", "__version__"]
+
+
+def __getattr__(name: str):
+    # `$monai_nacl.calibration....` in bundles written for 0.1 (the module warns that the name is deprecated)
+    if name == "calibration":
+        import importlib
+
+        return importlib.import_module("monai_nacl.calibration")
+    raise AttributeError(f"module 'monai_nacl' has no attribute {name!r}")

@@ -143,8 +143,8 @@ def check_bundle(
                 problems.append("models/model.pt is not a flat state_dict of tensors")
         except Exception as e:
             problems.append(f"models/model.pt does not load with weights_only=True: {e}")
-        from monai_nacl.calibration import check_calibration_record
         from monai_nacl.conformal import check_conformal_record, conformal_record_path
+        from monai_nacl.temperature import check_calibration_record
 
         # every shipped model carries a temperature fitted for its own weights, and the record that says so
         for shipped in sorted((bundle / "models").glob("*.pt")):

@@ -17,9 +17,11 @@ class MirrorInferer(Inferer):
 
     Each of the ``2 ** len(spatial_axes)`` flipped copies of the input goes through ``inferer``, the output is
     flipped back and the logits are averaged. Logits, not probabilities, are averaged so the result is still a
-    logit map: the bundles' postprocessing applies the softmax, and a temperature fitted through this inferer
-    scales the averaged logits (fit the temperature with the same inferer it is served with — ``calibrate.json``
-    uses ``validate#inferer``, so switching the option before calibrating keeps the two consistent).
+    logit map: the bundles' postprocessing applies the softmax. With a ``TemperatureScaled`` network the
+    temperature is applied inside every forward pass (per window and per mirroring; with two temperatures, each
+    pass uses its own near/far split), so the result is the mean of the scaled logits. Temperatures and conformal
+    records are fitted through the evaluator's inferer and do not record it: fit them (``calibrate.json``) with the
+    same ``mirror_tta`` setting the model is served with.
 
     Args:
         inferer: the inferer to wrap, e.g. ``SlidingWindowInferer``; ``SimpleInferer`` when omitted.

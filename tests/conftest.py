@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from monai_nacl.prior import dense_kernel
+from monai_nacl.neighbor_prior import dense_kernel
 
 HIPPOCAMPUS = Path(
     os.environ.get(

@@ -17,13 +17,15 @@ from ignite.engine import Events
 from monai.bundle import ConfigParser
 
 from monai_nacl.bundle_check import all_bundles, check_bundle, default_schema_dir
-from monai_nacl.calibration import check_calibration_record
 from monai_nacl.handlers import PriorFromBatch
+from monai_nacl.temperature import check_calibration_record
 
 # bundle workflows, torchrun and script runs: minutes in all; `pytest -m "not slow"` skips them
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
+# equal-mass ECE and MONAI's class-wise ACE/MCE next to the paper-protocol metrics in evaluate.json
+NEW_METRICS = ("val_adaptive_ece", "val_adaptive_cece", "val_ace_monai", "val_mce_monai")
 # bundles that ship trained weights; the configs-only dataset bundles are checked in test_dataset_bundles.py
 BUNDLES = [b for b in all_bundles() if (b / "models" / "model.pt").is_file()]
 QUICKSTART = ROOT / "bundles" / "phantom_nacl_segmentation"
@@ -60,7 +62,7 @@ def test_zoo_checks_pass(bundle):
 
 
 def test_train_evaluate_infer_workflows(tmp_path):
-    from monai_nacl.calibration import check_calibration_record, read_calibration_record
+    from monai_nacl.temperature import check_calibration_record, read_calibration_record
 
     tiny = _tiny(tmp_path)
     train = _workflow(QUICKSTART, ["train.json"], "train", **tiny)
@@ -81,7 +83,7 @@ def test_train_evaluate_infer_workflows(tmp_path):
     evaluate = _workflow(QUICKSTART, ["train.json", "evaluate.json"], "train", **tiny)
     evaluate.run()
     metrics = evaluate.parser.get_parsed_content("validate#evaluator").state.metrics
-    for key in ("val_mean_dice", "val_hd95", "val_ece", "val_cece", "val_nll", "val_brier"):
+    for key in ("val_mean_dice", "val_hd95", "val_ece", "val_cece", "val_nll", "val_brier", *NEW_METRICS):
         assert key in metrics
     assert (tmp_path / "eval" / "reliability.png").is_file()
     assert (tmp_path / "eval" / "val_ece_raw.csv").is_file()
@@ -139,7 +141,7 @@ def test_train_evaluate_infer_workflows(tmp_path):
 
 
 def test_training_killed_mid_epoch_resumes_with_its_best_model_state(tmp_path):
-    from monai_nacl.calibration import read_calibration_record
+    from monai_nacl.temperature import read_calibration_record
 
     tiny = {**_tiny(tmp_path), "train#trainer#max_epochs": 3}
     first = _workflow(QUICKSTART, ["train.json"], "train", **tiny)
@@ -197,8 +199,8 @@ def test_monai_label_style_fine_tune_recalibrates(tmp_path):
     max_epochs. The fine-tuned model.pt must carry a temperature fitted for its new weights."""
     from monai.bundle import ConfigWorkflow
 
-    from monai_nacl.calibration import check_calibration_record, read_calibration_record
     from monai_nacl.data import phantom_datalist
+    from monai_nacl.temperature import check_calibration_record, read_calibration_record
 
     tiny = _tiny(tmp_path)
     _workflow(QUICKSTART, ["train.json"], "train", **tiny).run()

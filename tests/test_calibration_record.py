@@ -8,7 +8,7 @@ import pytest
 import torch
 from monai.networks.nets import UNet
 
-from monai_nacl.calibration import (
+from monai_nacl.temperature import (
     TemperatureScaled,
     check_calibration_record,
     read_calibration_record,
@@ -83,7 +83,7 @@ def test_check_names_every_mismatch(tmp_path):
 
 
 def test_warn_if_not_calibrated(tmp_path):
-    from monai_nacl.calibration import StaleTemperatureWarning, warn_if_not_calibrated
+    from monai_nacl.temperature import StaleTemperatureWarning, warn_if_not_calibrated
 
     net = _net()
     net.set_temperature(torch.tensor([0.8, 1.9]))

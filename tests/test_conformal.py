@@ -362,7 +362,7 @@ def test_prediction_sets_case_level_guarantee():
 
 # -- the record beside the weights ---------------------------------------------------------------------------
 def _tiny_network(seed: int = 0):
-    from monai_nacl.calibration import TemperatureScaled
+    from monai_nacl.temperature import TemperatureScaled
 
     torch.manual_seed(seed)
     net = TemperatureScaled(torch.nn.Conv3d(1, C, 3, padding=1), foreground_margin=1)
@@ -382,7 +382,6 @@ def _fitted(alpha: float = 0.2):
 
 
 def test_conformal_record_round_trip_and_staleness(tmp_path):
-    from monai_nacl.calibration import save_calibrated, weights_fingerprint
     from monai_nacl.conformal import (
         StaleConformalWarning,
         check_conformal_record,
@@ -392,6 +391,7 @@ def test_conformal_record_round_trip_and_staleness(tmp_path):
         save_conformal,
         warn_if_conformal_stale,
     )
+    from monai_nacl.temperature import save_calibrated, weights_fingerprint
 
     net = _tiny_network()
     weights = tmp_path / "models" / "model.pt"
@@ -457,8 +457,8 @@ def test_conformal_record_round_trip_and_staleness(tmp_path):
 
 
 def test_save_conformal_bad_arguments(tmp_path):
-    from monai_nacl.calibration import save_calibrated, weights_fingerprint
     from monai_nacl.conformal import read_conformal_record, save_conformal
+    from monai_nacl.temperature import save_calibrated, weights_fingerprint
 
     net = _tiny_network()
     weights = tmp_path / "model.pt"
@@ -558,8 +558,8 @@ def _direct_probs(net, items):
 
 
 def test_conformal_fit_handler_writes_the_record(tmp_path):
-    from monai_nacl.calibration import save_calibrated, weights_fingerprint
     from monai_nacl.conformal import check_conformal_record, load_conformal, read_conformal_record
+    from monai_nacl.temperature import save_calibrated, weights_fingerprint
 
     net = _tiny_network()
     save_calibrated(net.state_dict(), tmp_path / "model.pt")
@@ -595,8 +595,8 @@ def test_conformal_fit_handler_writes_the_record(tmp_path):
 def test_conformal_fit_handler_refuses_a_temperature_change(tmp_path):
     from ignite.engine import Events
 
-    from monai_nacl.calibration import save_calibrated
     from monai_nacl.conformal import read_conformal_record
+    from monai_nacl.temperature import save_calibrated
 
     net = _tiny_network()
     save_calibrated(net.state_dict(), tmp_path / "model.pt")
@@ -625,8 +625,8 @@ def test_conformal_transforms(tmp_path):
 
     from monai.data import MetaTensor
 
-    from monai_nacl.calibration import save_calibrated
     from monai_nacl.conformal import StaleConformalWarning, load_conformal
+    from monai_nacl.temperature import save_calibrated
     from monai_nacl.transforms.conformal import ConformalMasksd, StructureVolumeIntervalsd
 
     net = _tiny_network()
@@ -697,7 +697,7 @@ def test_conformal_transforms(tmp_path):
 
 
 def test_conformal_transforms_without_a_record_pass_through_when_missing_ok(tmp_path, caplog):
-    from monai_nacl.calibration import save_calibrated
+    from monai_nacl.temperature import save_calibrated
     from monai_nacl.transforms.conformal import ConformalMasksd, StructureVolumeIntervalsd
 
     weights = tmp_path / "model.pt"
@@ -715,8 +715,8 @@ def test_conformal_transforms_without_a_record_pass_through_when_missing_ok(tmp_
 
 
 def test_saving_new_weights_removes_a_stale_conformal_record(tmp_path):
-    from monai_nacl.calibration import save_calibrated
     from monai_nacl.conformal import check_conformal_record, conformal_record_path
+    from monai_nacl.temperature import save_calibrated
 
     net = _tiny_network()
     weights = tmp_path / "model.pt"
@@ -731,3 +731,51 @@ def test_saving_new_weights_removes_a_stale_conformal_record(tmp_path):
     net.set_temperature(torch.tensor([0.8, 1.6]))
     save_calibrated(net.state_dict(), weights)
     assert not conformal_record_path(weights).exists()
+
+
+def test_unbounded_fits_reach_the_client_as_null_not_infinity(tmp_path):
+    import json
+
+    from monai.data import MetaTensor
+
+    from monai_nacl.temperature import save_calibrated
+    from monai_nacl.transforms.conformal import ConformalMasksd, StructureVolumeIntervalsd
+
+    net = _tiny_network()
+    weights = tmp_path / "model.pt"
+    save_calibrated(net.state_dict(), weights)
+    evaluator, _ = _run_fit_handler(tmp_path, net)
+    evaluator.run()
+    masks = ConformalMasksd("prob", weights, alpha=0.2)
+    intervals = StructureVolumeIntervalsd("prob", weights, alpha=0.2, output_dir=tmp_path / "out")
+    masks.fit.inner_threshold[1] = float("inf")  # as a fit on too few cases gives
+    intervals.fit.quantile = torch.full_like(torch.as_tensor(intervals.fit.quantile, dtype=torch.float64), torch.inf)
+    item = _evaluator_cases(1, seed=2)[0]
+    p = _direct_probs(net, [item])[0]
+    d = intervals(masks({"prob": MetaTensor(p, meta=dict(item["image"].meta))}))
+    text = json.dumps(d["result"], allow_nan=False)  # MONAI Label's JSON response is strict
+    assert json.loads(text)["conformal_masks"]["structures"]["anterior"]["inner_threshold"] is None
+    assert all(v["high_ml"] is None for v in d["result"]["volume_intervals"]["structures"].values())
+    assert "inf" in (tmp_path / "out" / "volume_intervals.csv").read_text()
+
+
+def test_an_unreadable_conformal_record_is_removed_when_weights_are_saved(tmp_path):
+    from monai_nacl.conformal import conformal_record_path
+    from monai_nacl.temperature import save_calibrated
+
+    weights = tmp_path / "model.pt"
+    conformal_record_path(weights).write_text("{not json")
+    save_calibrated(_tiny_network().state_dict(), weights)  # no crash mid-training; the bad record goes
+    assert not conformal_record_path(weights).exists() and weights.is_file()
+
+
+def test_fit_on_too_few_cases_for_alpha_warns(tmp_path, caplog):
+    from monai_nacl.temperature import save_calibrated
+
+    net = _tiny_network()
+    save_calibrated(net.state_dict(), tmp_path / "model.pt")
+    evaluator, handler = _run_fit_handler(tmp_path, net, n=6)  # alphas 0.2 (needs 4 cases) and 0.1 (needs 9)
+    with caplog.at_level("WARNING"):
+        evaluator.run()
+    assert "alpha 0.1 needs at least 9 calibration cases, got 6" in caplog.text
+    assert "alpha 0.2 needs" not in caplog.text

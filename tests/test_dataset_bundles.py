@@ -13,14 +13,16 @@ import torch
 from conftest import bundle_workflow, torchrun_bundle
 
 from monai_nacl.bundle_check import all_bundles, check_bundle, default_schema_dir
-from monai_nacl.calibration import check_calibration_record
 from monai_nacl.data import build_datalist, write_fixture
 from monai_nacl.handlers import TemperatureFitHandler
+from monai_nacl.temperature import check_calibration_record
 
 # bundle workflows, torchrun and script runs: minutes in all; `pytest -m "not slow"` skips them
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
+# equal-mass ECE and MONAI's class-wise ACE/MCE next to the paper-protocol metrics in evaluate.json
+NEW_METRICS = ("val_adaptive_ece", "val_adaptive_cece", "val_ace_monai", "val_mce_monai")
 
 
 def _dataset_spec(bundle: Path) -> dict | None:
@@ -118,7 +120,7 @@ def test_train_calibrate_evaluate_infer_on_layout_fixture(name, tmp_path):
     evaluate = _workflow(name, ["train.json", "evaluate.json"], "train", **tiny)
     evaluate.run()
     metrics = evaluate.parser.get_parsed_content("validate#evaluator").state.metrics
-    for key in ("val_mean_dice", "val_hd95", "val_ece", "val_cece", "val_nll", "val_brier"):
+    for key in ("val_mean_dice", "val_hd95", "val_ece", "val_cece", "val_nll", "val_brier", *NEW_METRICS):
         assert key in metrics
     assert (tmp_path / "eval" / "reliability.png").is_file()
 

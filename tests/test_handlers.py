@@ -12,9 +12,9 @@ from monai.handlers import MetricsSaver, StatsHandler, from_engine
 from monai.networks.nets import UNet
 from monai.transforms import Activationsd, Compose, CopyItemsd
 
-from monai_nacl.calibration import TemperatureScaled
 from monai_nacl.handlers import CalibrationHandler, ReliabilityDiagramHandler, TemperatureFitHandler
 from monai_nacl.metrics import CalibrationMetric
+from monai_nacl.temperature import TemperatureScaled
 
 
 def _data(n=3):
@@ -187,9 +187,9 @@ def test_atomic_save_keeps_the_previous_file_when_a_save_fails(tmp_path, monkeyp
     import os
     import stat
 
-    from monai_nacl.calibration import read_calibration_record
-    from monai_nacl.calibration.record import save_calibrated
     from monai_nacl.handlers import atomic_save
+    from monai_nacl.temperature import read_calibration_record
+    from monai_nacl.temperature.record import save_calibrated
 
     path = atomic_save({"a": torch.ones(2)}, tmp_path / "sub" / "obj.pt")
     assert torch.equal(torch.load(path, weights_only=True)["a"], torch.ones(2))
@@ -246,3 +246,28 @@ def test_calibration_handler_gathers_per_case_values_across_ranks():
     mp.spawn(_details_worker, args=(port, probs, labels, out), nprocs=2, join=True)
     for rank in range(2):
         assert out[rank] == pytest.approx(expected)
+
+
+def test_calibration_handler_adaptive_binning_matches_the_metric():
+    from ignite.engine import Engine
+
+    torch.manual_seed(1)
+    batches = [
+        (torch.softmax(torch.randn(2, 3, 6, 6, 6) * 3, 1), torch.randint(0, 3, (2, 1, 6, 6, 6))) for _ in range(2)
+    ]
+    engine = Engine(lambda e, b: b)
+    handler = CalibrationHandler(3, mask="all", binning="adaptive")
+    handler.attach(engine, "val")
+    engine.run(batches, max_epochs=1)
+    direct = CalibrationMetric(3, mask="all", binning="adaptive")
+    for probs, labels in batches:
+        direct(probs, labels)
+    expected = direct.aggregate()
+    assert engine.state.metrics["val_ece"] == pytest.approx(expected["ece"], abs=1e-9)
+    assert "val_ece_bound" in engine.state.metrics
+    uniform = CalibrationMetric(3, mask="all")
+    for probs, labels in batches:
+        uniform(probs, labels)
+    assert engine.state.metrics["val_ece"] != pytest.approx(uniform.aggregate()["ece"], abs=1e-6)
+    with pytest.raises(ValueError, match="binning"):
+        CalibrationHandler(3, binning="quantile")

@@ -60,3 +60,14 @@ def test_mask_classes_and_bad_kind():
         SelectOutputd("pred", output_kind="inner_mask", mask_classes=[1])(d)
     with pytest.raises(ValueError):
         SelectOutputd("pred", output_kind="contours")
+
+
+def test_mask_labels_use_the_raw_label_values():
+    d = _case()
+    out = SelectOutputd("pred", output_kind="outer_mask", label_values=[0, 1, 4])(d)  # e.g. BraTS maps 3 -> 4
+    values = set(torch.unique(torch.as_tensor(out["pred"])).tolist())
+    assert values == {0, 1, 4}
+    with pytest.raises(ValueError, match="uint8"):
+        SelectOutputd("pred", output_kind="outer_mask", label_values=[0, 1, 300])
+    with pytest.raises(ValueError, match="no value for mask classes"):
+        SelectOutputd("pred", output_kind="outer_mask", label_values=[0, 1])(d)

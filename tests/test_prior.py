@@ -4,7 +4,7 @@ import pytest
 import torch
 from conftest import reference_prior
 
-from monai_nacl.prior import dense_kernel, ensure_kernel_size, kernel_size_from_spacing, neighbor_prior
+from monai_nacl.neighbor_prior import dense_kernel, ensure_kernel_size, kernel_size_from_spacing, neighbor_prior
 
 
 def test_single_voxel_hand_computed():
@@ -93,7 +93,7 @@ def test_kernel_size_validation_and_spacing():
 def test_kernel_size_and_sigma_types():
     import numpy as np
 
-    from monai_nacl.prior import check_kernel_size, check_sigma
+    from monai_nacl.neighbor_prior import check_kernel_size, check_sigma
 
     assert check_kernel_size(np.int64(5)) == 5 and check_kernel_size(torch.tensor([3, 1, 3])) == (3, 1, 3)
     assert ensure_kernel_size(torch.tensor(3), 2) == (3, 3)
@@ -110,7 +110,7 @@ def test_kernel_size_and_sigma_types():
 
 
 def test_ensure_sigma_repeats_or_checks_per_axis():
-    from monai_nacl import prior
+    from monai_nacl import neighbor_prior as prior
 
     assert prior.ensure_sigma(1.5, 3) == (1.5, 1.5, 1.5)
     assert prior.ensure_sigma([1, 2.0], 2) == (1.0, 2.0)

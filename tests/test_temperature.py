@@ -8,8 +8,8 @@ import torch
 import torch.nn as nn
 from monai.networks.nets import UNet
 
-from monai_nacl.calibration import TemperatureFitter, TemperatureScaled, fit_temperature
 from monai_nacl.metrics import CalibrationMetric
+from monai_nacl.temperature import TemperatureFitter, TemperatureScaled, fit_temperature
 
 
 def _calibrated_toy(rng, n=4, c=3, size=16):
@@ -101,7 +101,7 @@ def test_bad_temperatures_and_inputs():
 
 
 def test_compose_temperature_multiplies_and_clamps():
-    from monai_nacl.calibration import T_MAX, T_MIN, compose_temperature
+    from monai_nacl.temperature import T_MAX, T_MIN, compose_temperature
 
     assert torch.allclose(compose_temperature(torch.tensor([2.0]), torch.tensor([1.5])), torch.tensor([3.0]))
     assert compose_temperature(torch.tensor([10.0]), torch.tensor([5.0])).item() == T_MAX
@@ -111,7 +111,7 @@ def test_compose_temperature_multiplies_and_clamps():
 
 
 def test_near_foreground_dilates_the_predicted_foreground():
-    from monai_nacl.calibration import near_foreground
+    from monai_nacl.temperature import near_foreground
 
     logits = torch.zeros(1, 3, 7, 7, 7)
     logits[:, 0] = 1.0
@@ -131,7 +131,7 @@ def _two_region_toy(rng, margin=1, t_near=2.5, size=24):
     z[:, 0, c, c, c] -= 4.0  # a structure of classes 1/2 in the middle
     p = torch.softmax(z, 1).movedim(1, -1).reshape(-1, 3)
     y = torch.multinomial(p, 1, generator=rng).view(3, 1, size, size, size)
-    from monai_nacl.calibration import near_foreground
+    from monai_nacl.temperature import near_foreground
 
     near = near_foreground(z, margin)
     return torch.where(near, z * t_near, z), y, near
@@ -218,7 +218,7 @@ def test_temperature_applies_in_eval_mode_only():
 
 
 def test_stale_temperature_warns_on_load():
-    from monai_nacl.calibration import StaleTemperatureWarning, weights_fingerprint
+    from monai_nacl.temperature import StaleTemperatureWarning, weights_fingerprint
 
     net = TemperatureScaled(_small_unet(), foreground_margin=1)
     assert int(net.calibrated_for) == 0 and not net.is_calibrated_for_current_weights()
@@ -304,7 +304,7 @@ def test_handlers_fit_the_form_of_the_network():
 
 
 def test_fingerprint_unwraps_data_parallel_only():
-    from monai_nacl.calibration import weights_fingerprint
+    from monai_nacl.temperature import weights_fingerprint
 
     net = TemperatureScaled(_small_unet())
     assert weights_fingerprint(nn.DataParallel(net)) == weights_fingerprint(net)

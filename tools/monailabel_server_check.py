@@ -282,7 +282,7 @@ def fingerprint_of(bundle: Path) -> tuple[int, int | None]:
     import torch
     from monai.bundle import ConfigParser
 
-    from monai_nacl.calibration import weights_fingerprint
+    from monai_nacl.temperature import weights_fingerprint
 
     parser = ConfigParser()
     parser.read_config(str(bundle / "configs" / "inference.json"))

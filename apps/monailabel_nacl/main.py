@@ -78,14 +78,18 @@ class NACLBundleInferTask(BundleInferTask):
     ``model_filename`` (e.g. ``model_dice_ce.pt``) sets the bundle's ``weights_file``, so the conformal masks and
     volume intervals come from that file's record (none: no conformal outputs), never from ``model.pt``'s."""
 
-    def post_transforms(self, data=None):
+    def pre_transforms(self, data=None):
+        # set before the config is parsed for this request: changing it later would rebuild the preprocessing
+        # that postprocessing's Invertd refers to, and the inversion would fail
         name = (data or {}).get("model_filename") or "model.pt"
         name = name if isinstance(name, str) else name[0]
         served = Path(self.path[0]).parent / name
         if self.bundle_config.get("weights_file") is not None:
             # the loader falls back to model.pt for a name it cannot find (basic_infer._get_network)
-            self.bundle_config["weights_file"] = str(served if served.is_file() else Path(self.path[0]))
-        return super().post_transforms(data)
+            target = str(served if served.is_file() else Path(self.path[0]))
+            if self.bundle_config["weights_file"] != target:
+                self.bundle_config["weights_file"] = target
+        return super().pre_transforms(data)
 
 
 class NACLBundleApp(MONAILabelApp):

@@ -27,7 +27,7 @@ from collections.abc import Sequence
 
 import torch
 
-from monai_nacl.validation import (
+from monai_nacl.input_checks import (
     as_tensor,
     check_integer,
     check_num_classes,

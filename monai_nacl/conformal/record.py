@@ -1,9 +1,9 @@
 """Fitted conformal methods on disk: ``models/model.conformal.json`` beside the weights they were fitted for.
 
 Conformal thresholds are only valid for the probabilities they were fitted on, i.e. for one set of weights and one
-temperature. The record therefore names the weights' fingerprint (:func:`~monai_nacl.calibration.weights_fingerprint`,
+temperature. The record therefore names the weights' fingerprint (:func:`~monai_nacl.temperature.weights_fingerprint`,
 the value ``models/model.calibration.json`` holds) and the temperature, next to the fitted states. It follows
-:mod:`monai_nacl.calibration.record`: :func:`save_conformal` refuses to write a record for other weights than the
+:mod:`monai_nacl.temperature.record`: :func:`save_conformal` refuses to write a record for other weights than the
 ones beside it, :func:`check_conformal_record` lists what is stale, :func:`warn_if_conformal_stale` warns (or raises)
 before inference uses it.
 """
@@ -21,8 +21,6 @@ from typing import Any
 
 import torch
 
-from monai_nacl.calibration.record import _fingerprint_hex, _replace_atomically
-from monai_nacl.calibration.temperature import weights_fingerprint as _weights_fingerprint
 from monai_nacl.conformal.methods import (
     ConformalPredictionSets,
     ConformalRiskControl,
@@ -30,6 +28,8 @@ from monai_nacl.conformal.methods import (
     _Conformal,
     _to_jsonable,
 )
+from monai_nacl.temperature.record import _fingerprint_hex, _replace_atomically
+from monai_nacl.temperature.scaling import weights_fingerprint as _weights_fingerprint
 
 __all__ = [
     "CONFORMAL_KINDS",
@@ -88,7 +88,7 @@ def _fingerprint(value: object) -> str:
         if 0 < number < (1 << 64):
             return _fingerprint_hex(number)
     raise ValueError(
-        f"weights_fingerprint must be a non-zero fingerprint of the weights (monai_nacl.calibration.weights_fingerprint: "
+        f"weights_fingerprint must be a non-zero fingerprint of the weights (monai_nacl.temperature.weights_fingerprint: "
         f"an int, or its 16 hex digits), got {value!r}."
     )
 
@@ -146,7 +146,7 @@ def save_conformal(
             :class:`~monai_nacl.conformal.ConformalRiskControl` or
             :class:`~monai_nacl.conformal.ConformalVolumeIntervals` (any mix; one per kind and ``alpha``), all with
             the same number of classes.
-        weights_fingerprint: :func:`~monai_nacl.calibration.weights_fingerprint` of the network whose probabilities
+        weights_fingerprint: :func:`~monai_nacl.temperature.weights_fingerprint` of the network whose probabilities
             were used (an int or its 16 hex digits).
         temperature: the temperature(s) the probabilities were computed with (``None``: not recorded, not checked).
         provenance: JSON-serialisable facts added to the record (who fitted, on what data, how many cases).

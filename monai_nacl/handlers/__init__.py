@@ -11,7 +11,7 @@ from monai_nacl.handlers.calibration import (
 from monai_nacl.handlers.checkpoint import ResumableCheckpoint, latest_checkpoint
 from monai_nacl.handlers.conformal import ConformalFitHandler
 from monai_nacl.handlers.model_saver import CalibratedModelSaver
-from monai_nacl.handlers.prior import PriorFromBatch
+from monai_nacl.handlers.prior_from_batch import PriorFromBatch
 from monai_nacl.handlers.validation import IntervalValidationHandler
 
 __all__ = [

@@ -13,8 +13,7 @@ import torch.nn.functional as F
 from ignite.engine import Engine, Events
 from monai.handlers import from_engine
 
-from monai_nacl.losses.nacl import check_penalty_weight
-from monai_nacl.validation import (
+from monai_nacl.input_checks import (
     as_tensor,
     check_integer,
     check_logits,
@@ -22,6 +21,7 @@ from monai_nacl.validation import (
     check_prior,
     labels_from_target,
 )
+from monai_nacl.losses.nacl import check_penalty_weight
 
 __all__ = ["ClassAdaptivePenalty", "update_multipliers", "STATISTICS"]
 

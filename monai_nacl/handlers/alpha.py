@@ -6,7 +6,7 @@ import math
 
 from ignite.engine import Engine, Events
 
-from monai_nacl.validation import check_integer, check_number
+from monai_nacl.input_checks import check_integer, check_number
 
 __all__ = ["AlphaSchedule"]
 

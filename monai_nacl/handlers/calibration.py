@@ -14,9 +14,9 @@ from ignite.engine import Engine, Events
 from ignite.metrics import Metric
 from monai.utils import evenly_divisible_all_gather, get_dist_device
 
-from monai_nacl.calibration.record import atomic_save, save_calibrated  # atomic_save: re-exported
-from monai_nacl.calibration.temperature import TemperatureFitter, TemperatureScaled, compose_temperature
 from monai_nacl.metrics.calibration import KEYS, CalibrationMetric
+from monai_nacl.temperature.record import atomic_save, save_calibrated  # atomic_save: re-exported
+from monai_nacl.temperature.scaling import TemperatureFitter, TemperatureScaled, compose_temperature
 from monai_nacl.visualize.reliability import plot_reliability
 
 __all__ = ["CalibrationHandler", "ReliabilityDiagramHandler", "TemperatureFitHandler", "atomic_save"]
@@ -36,6 +36,7 @@ class CalibrationHandler(Metric):
         num_classes, num_bins, mask, ignore_index: see :class:`~monai_nacl.metrics.CalibrationMetric`
             (``mask="foreground"`` is the NACL paper protocol).
         reduction: ``"macro"`` (mean over volumes) or ``"micro"`` (pooled voxels).
+        binning: ``"uniform"`` (equal-width bins, the NACL paper's ECE) or ``"adaptive"`` (equal-mass bins).
         output_transform: maps ``engine.state.output`` to ``(probabilities, labels)``, e.g.
             ``monai.handlers.from_engine(["pred_prob", "label"])``. Probabilities, not argmax.
         save_details: keep per-volume values for ``MetricsSaver``.
@@ -50,10 +51,13 @@ class CalibrationHandler(Metric):
         reduction: str = "macro",
         output_transform: Callable = lambda x: x,
         save_details: bool = True,
+        binning: str = "uniform",
     ) -> None:
         if reduction not in ("macro", "micro"):
             raise ValueError(f"reduction must be 'macro' or 'micro', got {reduction!r}.")
-        self.metric = CalibrationMetric(num_classes, num_bins, mask, ignore_index, per_volume=save_details)
+        self.metric = CalibrationMetric(
+            num_classes, num_bins, mask, ignore_index, per_volume=save_details, binning=binning
+        )
         self.reduction, self.save_details = reduction, save_details
         super().__init__(output_transform=output_transform)
 
@@ -123,7 +127,7 @@ class ReliabilityDiagramHandler:
 
 
 class TemperatureFitHandler:
-    """Fit the temperature of a :class:`~monai_nacl.calibration.TemperatureScaled` network on an evaluator's
+    """Fit the temperature of a :class:`~monai_nacl.temperature.TemperatureScaled` network on an evaluator's
     outputs, set it, and write the network's state_dict (atomically) to ``save_path``.
 
     Attach to an evaluator that runs the network on the validation split. The evaluator's output must
@@ -134,8 +138,8 @@ class TemperatureFitHandler:
         num_classes: number of classes.
         output_transform: maps ``engine.state.output`` to ``(logits, labels)``.
         save_path: where to write ``network.state_dict()`` (e.g. ``models/model.pt``) with its calibration record
-            beside it (:func:`~monai_nacl.calibration.save_calibrated`); ``None`` to skip.
-        **fitter_kwargs: passed to :class:`~monai_nacl.calibration.TemperatureFitter`.
+            beside it (:func:`~monai_nacl.temperature.save_calibrated`); ``None`` to skip.
+        **fitter_kwargs: passed to :class:`~monai_nacl.temperature.TemperatureFitter`.
     """
 
     def __init__(

@@ -12,7 +12,7 @@ import torch
 from ignite.engine import Engine, Events
 from ignite.handlers import Checkpoint, DiskSaver
 
-from monai_nacl.calibration.temperature import StaleTemperatureWarning
+from monai_nacl.temperature.scaling import StaleTemperatureWarning
 
 __all__ = ["ResumableCheckpoint", "latest_checkpoint"]
 

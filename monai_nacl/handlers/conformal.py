@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,6 @@ from ignite.engine import Engine, Events
 from monai.data import MetaTensor
 from monai.data.utils import affine_to_spacing
 
-from monai_nacl.calibration.temperature import weights_fingerprint
 from monai_nacl.conformal.methods import (
     ConformalPredictionSets,
     ConformalRiskControl,
@@ -22,6 +22,7 @@ from monai_nacl.conformal.methods import (
     _Conformal,
 )
 from monai_nacl.conformal.record import CONFORMAL_KINDS, save_conformal
+from monai_nacl.temperature.scaling import weights_fingerprint
 
 __all__ = ["ConformalFitHandler", "case_spacing"]
 
@@ -196,6 +197,17 @@ class ConformalFitHandler:
             )
         fitted = []
         for alpha in self.alphas:
+            if math.ceil((self.num_cases + 1) * (1 - alpha)) > self.num_cases:
+                # the finite-sample quantile does not exist: the fit is the trivial, always-safe one
+                logger.warning(
+                    "conformal alpha %s needs at least %d calibration cases, got %d: its masks and intervals are "
+                    "trivial (outer mask everything, inner mask empty, intervals unbounded); fit on more cases or "
+                    "use alpha >= %.3f.",
+                    alpha,
+                    math.ceil(1 / alpha - 1),
+                    self.num_cases,
+                    1 / (self.num_cases + 1),
+                )
             for estimator in self.estimators.values():
                 estimator.fit(alpha)
                 copy = type(estimator)(estimator.num_classes, spatial_dims=estimator.spatial_dims)

@@ -13,8 +13,8 @@ import torch.nn as nn
 from ignite.engine import Engine, Events
 from monai.handlers import from_engine
 
-from monai_nacl.calibration.record import save_calibrated
-from monai_nacl.calibration.temperature import (
+from monai_nacl.temperature.record import save_calibrated
+from monai_nacl.temperature.scaling import (
     TemperatureFitter,
     compose_temperature,
     weights_fingerprint,
@@ -34,7 +34,7 @@ class CalibratedModelSaver:
     During each validation pass it samples voxel logits (as :class:`~monai_nacl.handlers.TemperatureFitHandler`
     does); when the key metric improves, it fits the temperature correction on them, writes the network's
     state_dict with the new total temperature to ``save_dir/filename`` and a provenance record beside it
-    (:func:`~monai_nacl.calibration.save_calibrated`). The live network keeps its temperature, so every validation
+    (:func:`~monai_nacl.temperature.save_calibrated`). The live network keeps its temperature, so every validation
     of a run is measured the same way.
 
     The best value so far is state (``state_dict``/``load_state_dict``): put the saver in the resume checkpoint's
@@ -42,14 +42,14 @@ class CalibratedModelSaver:
 
     Args:
         save_dir: folder of the model (e.g. the bundle's ``models``).
-        network: the trained :class:`~monai_nacl.calibration.TemperatureScaled` (or a DDP wrapper of it).
+        network: the trained :class:`~monai_nacl.temperature.TemperatureScaled` (or a DDP wrapper of it).
         num_classes: number of classes.
         output_transform: maps the evaluator's output to ``(logits, labels)``: the network output before softmax
             (at the network's current temperature) and the class-index labels.
         filename: model file name.
         metric_name: metric deciding "best" (default: the evaluator's key metric).
         higher_is_better: direction of ``metric_name``.
-        **fitter_kwargs: passed to :class:`~monai_nacl.calibration.TemperatureFitter` (``foreground_margin``
+        **fitter_kwargs: passed to :class:`~monai_nacl.temperature.TemperatureFitter` (``foreground_margin``
             defaults to the network's).
 
     Raises:

@@ -7,7 +7,7 @@ import logging
 from ignite.engine import Engine, Events
 from monai.handlers import ValidationHandler
 
-from monai_nacl.calibration.temperature import TemperatureScaled
+from monai_nacl.temperature.scaling import TemperatureScaled
 
 __all__ = ["IntervalValidationHandler"]
 
@@ -20,7 +20,7 @@ class IntervalValidationHandler(ValidationHandler):
     validates and saves its model.
 
     With ``validate_calibrated_start`` the starting model is validated too, before the first epoch, when it is a
-    :class:`~monai_nacl.calibration.TemperatureScaled` whose temperature was fitted for its current weights: that
+    :class:`~monai_nacl.temperature.TemperatureScaled` whose temperature was fitted for its current weights: that
     is a run fine-tuning a calibrated model (MONAI Label loads ``model.pt`` before training). The model saver then
     knows how good the starting model is on this validation data, and a fine-tune replaces it only with a better
     one. A fresh network (never calibrated) or a resumed run (weights changed since) is not validated at start.

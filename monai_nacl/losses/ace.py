@@ -20,8 +20,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from monai_nacl.input_checks import check_integer, check_number
 from monai_nacl.losses.baselines import CrossEntropyLoss, DiceCELoss, _SegmentationLoss
-from monai_nacl.validation import check_integer, check_number
 
 __all__ = ["binned_calibration", "HardL1ACELoss", "SoftL1ACELoss"]
 
@@ -163,7 +163,7 @@ class _L1ACELoss(_SegmentationLoss):
 
         Raises:
             ValueError: wrong channel count or dims, target shape mismatch, bad label values (see
-                :func:`monai_nacl.validation.labels_from_target`), or a non-finite loss (naming the logits).
+                :func:`monai_nacl.input_checks.labels_from_target`), or a non-finite loss (naming the logits).
         """
         input, labels, index, valid = self._prepare(input, target)
         per_image, counted = self.ace(input, index, valid)

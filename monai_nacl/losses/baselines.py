@@ -17,8 +17,7 @@ from monai.losses import DiceLoss
 from monai.losses import FocalLoss as _MonaiFocalLoss
 from torch.nn.modules.loss import _Loss
 
-from monai_nacl.prior import check_kernel_size, check_sigma, ensure_kernel_size, ensure_sigma, neighbor_prior
-from monai_nacl.validation import (
+from monai_nacl.input_checks import (
     as_tensor,
     check_class_weight,
     check_ignore_index,
@@ -29,6 +28,7 @@ from monai_nacl.validation import (
     labels_from_target,
     non_finite_error,
 )
+from monai_nacl.neighbor_prior import check_kernel_size, check_sigma, ensure_kernel_size, ensure_sigma, neighbor_prior
 
 __all__ = ["CrossEntropyLoss", "DiceCELoss", "LabelSmoothingLoss", "FocalLoss", "ECPLoss", "MbLSLoss", "SVLSLoss"]
 
@@ -39,7 +39,7 @@ class _SegmentationLoss(_Loss):
     Raises:
         ValueError: in the constructor, ``num_classes``, ``ignore_index`` (an integer or ``None``), ``weight``
             (``C`` finite non-negative values, one > 0) or ``reduction`` invalid; in ``forward``, bad shapes or
-            labels (see :func:`monai_nacl.validation.labels_from_target`) or a non-finite loss, naming the
+            labels (see :func:`monai_nacl.input_checks.labels_from_target`) or a non-finite loss, naming the
             argument responsible.
     """
 
@@ -254,7 +254,7 @@ class MbLSLoss(_SegmentationLoss):
 class SVLSLoss(_SegmentationLoss):
     """Spatially varying label smoothing (Islam & Glocker, IPMI 2021): CE against the SVLS-smoothed one-hot.
 
-    ``loss = mean_i -sum_c tau_ic log softmax(x_i)_c`` with τ from :func:`monai_nacl.prior.neighbor_prior`
+    ``loss = mean_i -sum_c tau_ic log softmax(x_i)_c`` with τ from :func:`monai_nacl.neighbor_prior.neighbor_prior`
     (``kernel="gaussian"``: Gaussian weights, centre weight 0.5; replicate borders), computed in 3D or 2D.
 
     Args:

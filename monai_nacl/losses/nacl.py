@@ -10,9 +10,7 @@ import torch.nn.functional as F
 from monai.losses import DiceLoss
 from torch.nn.modules.loss import _Loss
 
-from monai_nacl.losses.fused import fused_ce_penalty
-from monai_nacl.prior import KERNELS, PADDINGS, check_sigma, ensure_kernel_size, ensure_sigma, neighbor_prior
-from monai_nacl.validation import (
+from monai_nacl.input_checks import (
     as_tensor,
     check_class_weight,
     check_ignore_index,
@@ -23,6 +21,8 @@ from monai_nacl.validation import (
     labels_from_target,
     non_finite_error,
 )
+from monai_nacl.losses.fused import fused_ce_penalty
+from monai_nacl.neighbor_prior import KERNELS, PADDINGS, check_sigma, ensure_kernel_size, ensure_sigma, neighbor_prior
 
 __all__ = ["NACLLoss", "check_penalty_weight"]
 
@@ -73,7 +73,7 @@ class NACLLoss(_Loss):
         L = \\text{base}(x, y) + \\frac{1}{N C} \\sum_{i \\in \\text{valid}} \\sum_c \\lambda_c d(\\tau_{ic}, z_{ic})
 
     with ``z = x`` (logits, default) or ``softmax(x)``, ``d = |.|`` (``"l1"``) or ``(.)^2`` (``"l2"``), and τ
-    the soft class proportions of the ground truth around each voxel (see :func:`monai_nacl.prior.neighbor_prior`).
+    the soft class proportions of the ground truth around each voxel (see :func:`monai_nacl.neighbor_prior.neighbor_prior`).
     ``λ_c = alpha`` for every class unless per-class weights are set (``penalty_weight``, class-adaptive NACL:
     e.g. updated during training by :class:`monai_nacl.handlers.ClassAdaptivePenalty`).
     Murugesan et al., "Neighbor-Aware Calibration of Segmentation Networks with Penalty-Based Constraints",

@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 from monai.utils import get_dist_device, look_up_option
 
-from monai_nacl.validation import (
+from monai_nacl.input_checks import (
     as_tensor,
     check_ignore_index,
     check_integer,
@@ -360,7 +360,7 @@ class CalibrationMetric:
                 or are outside ``[0, C)`` other than ``ignore_index``; a one-hot ``y`` that is not a hard one-hot;
                 ``y_pred`` that is not probabilities over the channel axis: NaN/Inf, values outside ``[0, 1]``
                 (logits), or channel sums not 1 (sigmoid outputs; see
-                :func:`monai_nacl.validation.probability_error` for the tolerance). The message gives the range.
+                :func:`monai_nacl.input_checks.probability_error` for the tolerance). The message gives the range.
         """
         p = as_tensor(y_pred)
         if not isinstance(p, torch.Tensor) or p.ndim < 3 or not p.is_floating_point():

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from monai.metrics import CalibrationErrorMetric
 
-from monai_nacl.validation import (
+from monai_nacl.input_checks import (
     as_tensor,
     check_integer,
     check_num_classes,

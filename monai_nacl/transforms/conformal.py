@@ -15,6 +15,7 @@ from monai.transforms import MapTransform
 from monai_nacl.conformal.methods import ConformalRiskControl, ConformalVolumeIntervals
 from monai_nacl.conformal.record import load_conformal, read_conformal_record, warn_if_conformal_stale
 from monai_nacl.handlers.conformal import case_spacing
+from monai_nacl.temperature.record import _finite
 
 __all__ = ["ConformalMasksd", "StructureVolumeIntervalsd"]
 
@@ -166,7 +167,8 @@ class ConformalMasksd(_FromRecord):
         for key, mask in ((self.inner_key, inner), (self.outer_key, outer)):
             out = mask[self.structures].to(torch.uint8)
             d[key] = MetaTensor(out, meta=dict(prob.meta)) if isinstance(prob, MetaTensor) else out  # meta: affine too
-        self._result(d)["conformal_masks"] = {"alpha": fit.alpha, "n": fit.n, "structures": summary}
+        # strict JSON for the client (MONAI Label's JSON response refuses inf): an infinite threshold is null
+        self._result(d)["conformal_masks"] = _finite({"alpha": fit.alpha, "n": fit.n, "structures": summary})
         return d
 
 
@@ -265,7 +267,8 @@ class StructureVolumeIntervalsd(_FromRecord):
                 entry["segmentation_volume_ml"] = int((seg == c).sum()) * voxel_ml
             structures[name] = entry
             rows.append({"image": str(source), "structure": name, **entry})
-        self._result(d)["volume_intervals"] = {"alpha": fit.alpha, "n": fit.n, "structures": structures}
+        # strict JSON for the client: an unbounded interval end is null there (the CSV keeps inf)
+        self._result(d)["volume_intervals"] = _finite({"alpha": fit.alpha, "n": fit.n, "structures": structures})
         if self.output_dir is not None:
             self._write(rows)
         return d

@@ -9,7 +9,7 @@ from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import MapTransform, Transform
 
-from monai_nacl.validation import as_tensor, check_probabilities
+from monai_nacl.input_checks import as_tensor, check_probabilities
 
 __all__ = ["VoxelEntropy", "VoxelEntropyd"]
 
@@ -24,7 +24,7 @@ class VoxelEntropy(Transform):
         ValueError: (when called) not ``C,*spatial`` with ``C >= 2`` and at most 3 spatial dims (a batch axis is
             an error), or not probabilities over the channel axis: NaN/Inf, values outside ``[0, 1]`` (logits) or
             channel sums not 1 (sigmoid outputs), checked with
-            :func:`monai_nacl.validation.check_probabilities`.
+            :func:`monai_nacl.input_checks.check_probabilities`.
 
     Example:
         >>> VoxelEntropy()(torch.full((2, 4, 4), 0.5)).max().item()

@@ -123,6 +123,8 @@ class SelectOutputd(MapTransform):
         outer_key: key of the outer masks (one channel per structure).
         inner_key: key of the inner masks.
         mask_classes: the class index of each mask channel (default ``1 .. S``, as ``ConformalMasksd`` writes them).
+        label_values: the value written for class ``c`` is ``label_values[c]`` (e.g. BraTS ``[0, 1, 2, 4]``, as the
+            segmentation is mapped back to raw labels); default the class index.
 
     Raises:
         ValueError: ``output_kind`` is not one of :data:`OUTPUT_KINDS`; at call time, a mask output asked for where
@@ -138,6 +140,7 @@ class SelectOutputd(MapTransform):
         outer_key: str = "conformal_outer",
         inner_key: str = "conformal_inner",
         mask_classes: Sequence[int] | None = None,
+        label_values: Sequence[int] | None = None,
     ) -> None:
         super().__init__(keys)
         if not isinstance(output_kind, str) and isinstance(output_kind, Sequence) and output_kind:
@@ -146,6 +149,9 @@ class SelectOutputd(MapTransform):
         self.prob_key, self.entropy_key = prob_key, entropy_key
         self.outer_key, self.inner_key = outer_key, inner_key
         self.mask_classes = None if mask_classes is None else [int(c) for c in mask_classes]
+        self.label_values = None if label_values is None else [int(v) for v in label_values]
+        if self.label_values is not None and not all(0 <= v < 256 for v in self.label_values):
+            raise ValueError(f"label_values must fit uint8 labels, got {self.label_values}.")
 
     def _mask_labels(self, d: Mapping) -> torch.Tensor:
         key = self.outer_key if self.output_kind == "outer_mask" else self.inner_key
@@ -160,9 +166,12 @@ class SelectOutputd(MapTransform):
         if len(classes) != masks.shape[0]:
             raise ValueError(f"mask_classes {classes} do not match {masks.shape[0]} mask channels in {key!r}.")
         # per voxel, the most probable structure among those whose mask holds it; 0 where none does
-        score = torch.where(masks, prob[classes], torch.tensor(-1.0))
+        if self.label_values is not None and max(classes) >= len(self.label_values):
+            raise ValueError(f"label_values {self.label_values} have no value for mask classes {classes}.")
+        values = [self.label_values[c] for c in classes] if self.label_values is not None else classes
+        score = prob[classes].to(masks.device).masked_fill(~masks, -1.0)
         best, idx = score.max(0)
-        labels = torch.tensor(classes, dtype=torch.uint8)[idx]
+        labels = torch.tensor(values, dtype=torch.uint8, device=idx.device)[idx]
         return torch.where(best >= 0, labels, torch.zeros_like(labels))[None]
 
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:

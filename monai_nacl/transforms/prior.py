@@ -11,7 +11,8 @@ from monai.data import MetaTensor
 from monai.transforms import MapTransform, Transform
 from monai.utils import convert_to_tensor
 
-from monai_nacl.prior import (
+from monai_nacl.input_checks import check_ignore_index, check_label_values, check_num_classes
+from monai_nacl.neighbor_prior import (
     KERNELS,
     PADDINGS,
     check_kernel_size,
@@ -22,7 +23,6 @@ from monai_nacl.prior import (
     neighbor_prior,
     sigma_from_spacing,
 )
-from monai_nacl.validation import check_ignore_index, check_label_values, check_num_classes
 
 __all__ = ["NeighborPrior", "NeighborPriord"]
 

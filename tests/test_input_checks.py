@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from monai_nacl.input_checks import check_num_classes
 from monai_nacl.losses import FocalLoss, NACLLoss
 from monai_nacl.metrics import CalibrationMetric
 from monai_nacl.transforms import NeighborPrior
-from monai_nacl.validation import check_num_classes
 
 
 @pytest.mark.parametrize("value", [3, 3.0, np.int64(3)])
@@ -33,7 +33,7 @@ def test_every_entry_point_rejects_a_bad_class_count(entry):
 def test_check_number_and_check_integer():
     import torch
 
-    from monai_nacl.validation import check_integer, check_number
+    from monai_nacl.input_checks import check_integer, check_number
 
     assert check_number(np.float32(0.5), "a") == 0.5 and check_number(torch.tensor(2), "a") == 2.0
     assert check_integer(np.int16(3), "k") == 3 and check_integer(torch.tensor(3), "k") == 3
@@ -50,7 +50,7 @@ def test_check_number_and_check_integer():
 def test_check_label_values_returns_labels_safe_for_ignore_index():
     import torch
 
-    from monai_nacl.validation import check_label_values
+    from monai_nacl.input_checks import check_label_values
 
     lab = torch.tensor([0, 1, 2], dtype=torch.uint8)
     assert check_label_values(lab, 3, None) is lab
@@ -64,7 +64,7 @@ def test_check_label_values_returns_labels_safe_for_ignore_index():
 def test_probability_sum_tolerance_follows_the_dtype(dtype, ok, bad):
     import torch
 
-    from monai_nacl.validation import check_probabilities, probability_error
+    from monai_nacl.input_checks import check_probabilities, probability_error
 
     # channels on dim 0: sums 1 + ok at one voxel, then 1 + bad
     p = torch.stack([torch.tensor([0.5 + ok, 0.5]), torch.tensor([0.5, 0.5])], 1).to(getattr(torch, dtype))

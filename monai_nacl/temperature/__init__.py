@@ -1,13 +1,13 @@
 """Post-hoc calibration: temperature scaling as part of the network."""
 
-from monai_nacl.calibration.record import (
+from monai_nacl.temperature.record import (
     check_calibration_record,
     read_calibration_record,
     record_path,
     save_calibrated,
     warn_if_not_calibrated,
 )
-from monai_nacl.calibration.temperature import (
+from monai_nacl.temperature.scaling import (
     T_MAX,
     T_MIN,
     StaleTemperatureWarning,

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from monai.networks.utils import save_state
 
-from monai_nacl.calibration.temperature import StaleTemperatureWarning, weights_fingerprint
+from monai_nacl.temperature.scaling import StaleTemperatureWarning, weights_fingerprint
 
 __all__ = [
     "atomic_save",
@@ -81,7 +81,7 @@ def _fingerprint_hex(value: int) -> str:
 
 
 def save_calibrated(state: Mapping[str, torch.Tensor], path: str | Path, **provenance: Any) -> dict:
-    """Write a :class:`~monai_nacl.calibration.TemperatureScaled` state_dict to ``path`` (atomically) and its
+    """Write a :class:`~monai_nacl.temperature.TemperatureScaled` state_dict to ``path`` (atomically) and its
     calibration record to :func:`record_path` ``(path)``.
 
     The weights are serialised by ``monai.networks.utils.save_state`` into a temporary file beside ``path`` that is
@@ -103,7 +103,7 @@ def save_calibrated(state: Mapping[str, torch.Tensor], path: str | Path, **prove
     """
     if "temperature" not in state or "calibrated_for" not in state:
         raise ValueError(
-            f"{path}: state must be a monai_nacl.calibration.TemperatureScaled state_dict with 'temperature' and "
+            f"{path}: state must be a monai_nacl.temperature.TemperatureScaled state_dict with 'temperature' and "
             f"'calibrated_for', got keys {sorted(state)[:5]}..."
         )
     fingerprint = weights_fingerprint(state)
@@ -123,22 +123,34 @@ def save_calibrated(state: Mapping[str, torch.Tensor], path: str | Path, **prove
     }
     # strict JSON (NaN -> null); fail on unserialisable provenance before writing anything
     text = json.dumps(_finite(record), indent=4, default=float, allow_nan=False)
+    # before the new weights land: a client must never meet them next to thresholds fitted for the old ones
+    _drop_stale_conformal_record(path, record["weights_fingerprint"], record["temperature"])
     _replace_atomically(path, lambda tmp: save_state(dict(state), tmp, atomic=False))
     _replace_atomically(record_path(path), lambda tmp: tmp.write_text(text + "\n"))
-    _drop_stale_conformal_record(path)
     return record
 
 
-def _drop_stale_conformal_record(path: Path) -> None:
-    """Delete the conformal record beside ``path`` when it was fitted for other weights or temperatures.
+def _drop_stale_conformal_record(path: Path, fingerprint: str, temperature: list[float]) -> None:
+    """Delete the conformal record beside ``path`` unless it was fitted for the weights about to be written there
+    (``fingerprint``, ``temperature``); an unreadable record goes too.
 
     New weights (a fine-tune, a better epoch) invalidate conformal thresholds; a stale record left on disk could be
     served, so it goes, and inference adds no conformal outputs until ``calibrate.json`` fits a new one.
     """
-    from monai_nacl.conformal.record import check_conformal_record, conformal_record_path
+    from monai_nacl.conformal.record import conformal_record_path
 
     target = conformal_record_path(path)
-    if target.is_file() and check_conformal_record(path):
+    if not target.is_file():
+        return
+    try:
+        fitted = json.loads(target.read_text())
+        keep = fitted.get("weights_fingerprint") == fingerprint and len(fitted.get("temperature") or []) == len(
+            temperature
+        )
+        keep = keep and all(abs(a - b) <= 1e-6 * max(1.0, abs(b)) for a, b in zip(fitted["temperature"], temperature))
+    except (ValueError, OSError, TypeError, AttributeError):
+        keep = False
+    if not keep:
         target.unlink()
         logger.info("%s: removed %s (fitted for other weights or temperatures).", path, target.name)
 

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from monai_nacl.validation import check_number
+from monai_nacl.input_checks import check_number
 
 __all__ = [
     "KERNELS",

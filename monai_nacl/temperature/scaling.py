@@ -28,8 +28,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from monai_nacl.input_checks import as_tensor, labels_from_target
 from monai_nacl.metrics.calibration import CalibrationMetric
-from monai_nacl.validation import as_tensor, labels_from_target
 
 __all__ = [
     "compose_temperature",
@@ -316,7 +316,7 @@ class TemperatureFitter:
         """
         if not isinstance(network, TemperatureScaled):
             raise ValueError(
-                f"network must be a monai_nacl.calibration.TemperatureScaled, got {type(network).__name__}: only a "
+                f"network must be a monai_nacl.temperature.TemperatureScaled, got {type(network).__name__}: only a "
                 "network with a temperature can be calibrated."
             )
         kwargs.setdefault("per_class", network.foreground_margin is None and network.temperature.numel() > 1)
