@@ -105,6 +105,12 @@ DEFAULT_RUNS += [f"{m}_s{s}" for s in SEEDS[1:] for m in ("nacl_a0.5", "nacl_ce"
 METRIC_KEYS = ("dice_anterior", "dice_posterior", "dice_mean", "hd95") + tuple(
     f"{k}_{m}" for m in ("fg", "all") for k in ("ece", "cece", "ace", "mce", "nll", "brier")
 )
+# equal-mass (adaptive) ECEs on the foreground, and MONAI's class-wise ACE/MCE (CalibrationErrorMetric, 20 bins,
+# background excluded, every voxel) as Barfoot et al. report them
+NEW_KEYS = ("aece_fg", "acece_fg", "ace_monai", "mce_monai")
+METRIC_KEYS += NEW_KEYS
+# paired per-case bootstrap of each method against NACL (same seed): these metrics, 95 % intervals
+BOOTSTRAP_KEYS = ("dice_mean", "ece_fg", "cece_fg", "ace_monai", "nll_fg")
 
 
 def parse_run(run: str) -> tuple[str, int]:
@@ -182,7 +188,7 @@ def evaluate(
     from monai.metrics import compute_dice, compute_hausdorff_distance
     from monai.networks.utils import one_hot
 
-    from monai_nacl.metrics import CalibrationMetric
+    from monai_nacl.metrics import CalibrationMetric, monai_calibration_errors
     from monai_nacl.temperature import TemperatureFitter, apply_temperature
 
     parser, datalist_ = _bundle_parts(args, datalist)
@@ -207,6 +213,8 @@ def evaluate(
         for t in scales
         for m in ("foreground", "all")
     }
+    adaptive = {t: CalibrationMetric(len(CLASS_NAMES), per_volume=True, binning="adaptive") for t in scales}
+    monai_errors: dict[str, dict[str, list[float]]] = {t: {"ace_monai": [], "mce_monai": []} for t in scales}
     dice, hd95 = [], []
     for item, logits in _logits(network, inferer, Dataset(datalist_["test"], preprocessing)):
         label = item["label"][None].long()
@@ -214,6 +222,10 @@ def evaluate(
             probs = torch.softmax(scaled(logits, scale), 1)
             for m in ("foreground", "all"):
                 metrics[(t, m)].update(probs, label)
+            adaptive[t].update(probs, label)
+            errors = monai_calibration_errors(probs, label, len(CLASS_NAMES))
+            monai_errors[t]["ace_monai"].append(errors["ace"])
+            monai_errors[t]["mce_monai"].append(errors["mce"])
         pred = one_hot(logits.argmax(1, keepdim=True), len(CLASS_NAMES))
         gt = one_hot(label, len(CLASS_NAMES))
         dice.append(compute_dice(pred, gt, include_background=False)[0].tolist())
@@ -231,6 +243,9 @@ def evaluate(
                 cases[f"{k}_{tag}"] = [v[k] for v in metrics[(t, m)].get_per_volume()]
             stats = metrics[(t, m)].bin_statistics()
             torch.save({"top": stats.top, "ovr": stats.ovr, "scalars": stats.scalars}, run_dir / f"bins_{t}_{tag}.pt")
+        volumes = adaptive[t].get_per_volume()
+        cases["aece_fg"], cases["acece_fg"] = [v["ece"] for v in volumes], [v["cece"] for v in volumes]
+        cases.update(monai_errors[t])
         result[t] = {k: _mean_std(v) for k, v in cases.items()}
         result["per_case"][t] = cases
     return result
@@ -262,7 +277,8 @@ def report(out: Path, runs: list[str]) -> None:
             row["train_minutes"] = result.get("train_minutes", float("nan"))
             row["resumed"] = bool(result.get("resumed", False))
             for k in METRIC_KEYS:
-                row[k], row[f"{k}_std"] = result[t][k]
+                # runs evaluated before a metric existed: nan (rerun with --reevaluate)
+                row[k], row[f"{k}_std"] = result[t].get(k, [float("nan"), float("nan")])
             rows.append(row)
     if not rows:
         print("no finished runs yet")
@@ -273,9 +289,65 @@ def report(out: Path, runs: list[str]) -> None:
         writer.writerows(rows)
     (out / "results.json").write_text(json.dumps(rows, indent=1))
     _figures(out, sorted({r["run"] for r in rows}))
-    text = markdown(rows)
+    comparisons = bootstrap_against_nacl(out, runs)
+    (out / "bootstrap.json").write_text(json.dumps(comparisons, indent=1))
+    text = markdown(rows) + bootstrap_markdown(comparisons)
     (out / "tables.md").write_text(text)
     print(text)
+
+
+def paired_bootstrap(a: list[float], b: list[float], n: int = 10_000, seed: int = 0) -> list[float]:
+    """Mean of the per-case differences ``a - b`` and its 95 % percentile bootstrap interval (cases resampled
+    in pairs, so the shared per-case difficulty cancels); cases where either value is not finite are dropped."""
+    pairs = torch.tensor([(x, y) for x, y in zip(a, b) if math.isfinite(x) and math.isfinite(y)], dtype=torch.float64)
+    if len(pairs) < 2:
+        return [float("nan")] * 3
+    diff = pairs[:, 0] - pairs[:, 1]
+    g = torch.Generator().manual_seed(seed)
+    means = diff[torch.randint(len(diff), (n, len(diff)), generator=g)].mean(1)
+    lo, hi = torch.quantile(means, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+    return [float(diff.mean()), lo, hi]
+
+
+def bootstrap_against_nacl(out: Path, runs: list[str]) -> list[dict]:
+    """Each finished run against the NACL (Dice+CE base) run of the same seed, per scaling and metric."""
+    results = {}
+    for run in runs:
+        path = out / "runs" / run / "result.json"
+        if path.is_file():
+            results[run] = json.loads(path.read_text())
+    rows = []
+    for run, result in results.items():
+        method, seed = parse_run(run)
+        reference = results.get(f"nacl_mean_s{seed}")
+        if method == "nacl_mean" or reference is None or "per_case" not in result or "per_case" not in reference:
+            continue
+        for t in ("T1", "Tfit_near"):
+            a, b = result["per_case"].get(t), reference["per_case"].get(t)
+            if a is None or b is None:
+                continue
+            for key in BOOTSTRAP_KEYS:
+                if key in a and key in b:
+                    diff, lo, hi = paired_bootstrap(a[key], b[key])
+                    rows.append({"run": run, "scaling": t, "metric": key, "diff": diff, "lo": lo, "hi": hi})
+    return rows
+
+
+def bootstrap_markdown(rows: list[dict]) -> str:
+    if not rows:
+        return ""
+    lines = ["", "### Against NACL, same seed: mean per-case difference (method − NACL) [95 % paired bootstrap]", ""]
+    keys = list(dict.fromkeys(r["metric"] for r in rows))
+    lines += ["| run | T | " + " | ".join(keys) + " |", "| --- | --- |" + " ---: |" * len(keys)]
+    by = {(r["run"], r["scaling"], r["metric"]): r for r in rows}
+    for run, t in dict.fromkeys((r["run"], r["scaling"]) for r in rows):
+        cells = []
+        for k in keys:
+            r = by.get((run, t, k))
+            cells.append(f"{r['diff']:+.4f} [{r['lo']:+.4f}, {r['hi']:+.4f}]" if r else "–")
+        label = {"T1": "1", "Tfit_near": "two T"}[t]
+        lines.append(f"| {run} | {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def _cell(r: dict, key: str, std: bool = True) -> str:

@@ -25,23 +25,31 @@ HIPPO_DATA = Path(os.environ.get("MONAI_NACL_HIPPOCAMPUS", ROOT.parent / "shared
 )
 def test_calibration_hippocampus_quick_mode(tmp_path):
     cmd = [sys.executable, str(ROOT / "benchmarks" / "calibration_hippocampus.py"), "--quick", "--threads", "1"]
-    cmd += ["--data-dir", str(HIPPO_DATA), "--out", str(tmp_path / "out"), "--runs", "nacl_patch32_s123", "ce_s1"]
+    cmd += ["--data-dir", str(HIPPO_DATA), "--out", str(tmp_path / "out")]
+    cmd += ["--runs", "nacl_patch32_s123", "ce_s1", "nacl_mean_s1"]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     out = tmp_path / "out_quick"
     rows = list(csv.DictReader(open(out / "results.csv")))
     assert {(r["run"], r["scaling"]) for r in rows} == {
-        (r, t) for r in ("nacl_patch32_s123", "ce_s1") for t in ("T1", "Tfit", "Tfit_fg", "Tfit_near")
+        (r, t) for r in ("nacl_patch32_s123", "ce_s1", "nacl_mean_s1") for t in ("T1", "Tfit", "Tfit_fg", "Tfit_near")
     }
     result_json = json.loads((out / "runs" / "ce_s1" / "result.json").read_text())
     assert result_json["n_test"] == 4 and 0.05 <= result_json["temperature"] <= 20
     assert len(result_json["temperature_near"]) == 2
-    for key in ("dice_anterior", "hd95", "ece_fg", "ece_all", "cece_fg", "ace_fg", "mce_fg", "nll_fg", "brier_fg"):
+    keys = ("dice_anterior", "hd95", "ece_fg", "ece_all", "cece_fg", "ace_fg", "mce_fg", "nll_fg", "brier_fg")
+    for key in (*keys, "aece_fg", "acece_fg", "ace_monai", "mce_monai"):
         assert len(result_json["per_case"]["T1"][key]) == 4
+    # CE against NACL of the same seed: paired bootstrap intervals around the mean per-case difference
+    boot = json.loads((out / "bootstrap.json").read_text())
+    assert {(b["run"], b["scaling"]) for b in boot} == {("ce_s1", "T1"), ("ce_s1", "Tfit_near")}
+    for b in boot:
+        assert b["lo"] <= b["diff"] <= b["hi"]
+    assert "paired bootstrap" in (out / "tables.md").read_text()
     assert (out / "figures" / "ce_s1_Tfit.png").is_file()
     # a rerun skips finished runs and only refreshes the tables
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-    assert again.returncode == 0 and "30 epochs" not in again.stdout and "[1/2]" not in again.stdout
+    assert again.returncode == 0 and "30 epochs" not in again.stdout and "[1/3]" not in again.stdout
 
     ens = [sys.executable, str(ROOT / "benchmarks" / "ensemble_hippocampus.py"), "--quick", "--threads", "1"]
     ens += ["--data-dir", str(HIPPO_DATA), "--out", str(tmp_path / "out"), "--methods", "ce", "--seeds", "1"]
@@ -69,3 +77,14 @@ def test_probability_ensemble_averages_probabilities_and_undoes_flips():
     mirrored = torch.softmax(torch.flip(b(torch.flip(x, (2,))), (2,)), 1)
     expected = torch.log((torch.softmax(b(x), 1) + mirrored) / 2)
     torch.testing.assert_close(ProbabilityEnsemble([b], flip_dims=(2,))(x), expected)
+
+
+def test_paired_bootstrap_interval():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from calibration_hippocampus import paired_bootstrap
+
+    a = [0.5, 0.7, 0.9, 0.6, 0.8]
+    assert paired_bootstrap(a, [x - 0.1 for x in a]) == pytest.approx([0.1, 0.1, 0.1])  # a constant difference
+    diff, lo, hi = paired_bootstrap([1.0, 2.0, 3.0, 4.0], [0.0, 0.0, 0.0, 0.0], n=4000, seed=1)
+    assert diff == 2.5 and 1.0 <= lo < 2.5 < hi <= 4.0
+    assert paired_bootstrap([1.0, float("nan")], [0.0, 1.0]) == pytest.approx([float("nan")] * 3, nan_ok=True)
