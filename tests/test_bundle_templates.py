@@ -76,3 +76,18 @@ def test_overlay_configs_merge_key_by_key():
     merged = make_bundles.merge(base, {"validate#handlers": [2], "validate#dataset#data": "x"})
     assert merged == {"validate#handlers": [2], "run": ["a"], "validate#dataset#data": "x"}
     assert list(merged) == ["validate#handlers", "run", "validate#dataset#data"]  # MONAI applies them in order
+
+
+def test_every_import_of_a_config_is_used_and_every_module_used_is_imported():
+    # torch, numpy and monai are ConfigParser's defaults; these are the other modules bundle expressions may use
+    optional = ("glob", "os", "ignite", "json", "math", "monai_nacl")
+    for path in sorted(ROOT.glob("bundles/*/configs/*.json")):
+        config = json.loads(path.read_text())
+        text = json.dumps({k: v for k, v in config.items() if k != "imports"})
+        imported = {line.split()[-1] for line in config.get("imports", [])}
+        for module in imported:
+            assert f"{module}." in text, f"{path}: import {module} is never used"
+        if path.name in ("train.json", "inference.json"):  # configs run on their own (not overlays)
+            for module in optional:
+                if f"${module}." in text or f" {module}." in text or f"({module}." in text:
+                    assert module in imported, f"{path}: uses {module} without importing it"
