@@ -137,18 +137,18 @@ def _drop_stale_conformal_record(path: Path, fingerprint: str, temperature: list
     New weights (a fine-tune, a better epoch) invalidate conformal thresholds; a stale record left on disk could be
     served, so it goes, and inference adds no conformal outputs until ``calibrate.json`` fits a new one.
     """
-    from monai_nacl.conformal.record import conformal_record_path
+    # the rule check_conformal_record applies, so a record kept here is never reported stale afterwards
+    from monai_nacl.conformal.record import _same_temperature, conformal_record_path
 
     target = conformal_record_path(path)
     if not target.is_file():
         return
     try:
         fitted = json.loads(target.read_text())
-        keep = fitted.get("weights_fingerprint") == fingerprint and len(fitted.get("temperature") or []) == len(
-            temperature
+        keep = fitted.get("weights_fingerprint") == fingerprint and _same_temperature(
+            fitted["temperature"], temperature
         )
-        keep = keep and all(abs(a - b) <= 1e-6 * max(1.0, abs(b)) for a, b in zip(fitted["temperature"], temperature))
-    except (ValueError, OSError, TypeError, AttributeError):
+    except (ValueError, OSError, TypeError, AttributeError, KeyError):
         keep = False
     if not keep:
         target.unlink()
