@@ -80,6 +80,8 @@ METHODS: dict[str, tuple[str, dict]] = {
     "ecp": ("ECP (beta 0.1)", {**NO_PRIOR, **_loss("ECPLoss", beta=0.1)}),
     "mbls": ("MbLS (m 10, lambda 0.1)", {**NO_PRIOR, **_loss("MbLSLoss", margin=10.0, lambda_margin=0.1)}),
     "svls": ("SVLS (3^3, sigma 1)", {**NO_PRIOR, **_loss("SVLSLoss", kernel_size=3, sigma=1.0)}),
+    "l1ace_hard": ("Dice+CE + hard mL1-ACE", {**NO_PRIOR, **_loss("HardL1ACELoss", base="dice_ce")}),
+    "l1ace_soft": ("Dice+CE + soft mL1-ACE", {**NO_PRIOR, **_loss("SoftL1ACELoss", base="dice_ce", empty_weight=0.01)}),
     "nacl_mean": ("NACL mean prior (bundle)", _nacl()),
     "nacl_ce": ("NACL CE base (paper)", _nacl(base="ce")),
     "nacl_gauss": ("NACL gaussian prior", _nacl(kernel="gaussian")),
@@ -87,20 +89,21 @@ METHODS: dict[str, tuple[str, dict]] = {
     "nacl_a0.5": ("NACL alpha 0.5", _nacl(alpha=0.5)),
     "nacl_k5": ("NACL kernel 5", _nacl(kernel_size=5)),
     "nacl_softmax": ("NACL penalty on softmax", _nacl(penalty_on="softmax")),
+    "nacl_adaptive": ("Class-adaptive NACL (augmented Lagrangian)", {}),  # override: adaptive_override()
     # Prior ablation: whole-volume training makes "prior from the volume" and "prior from the patch" the same
     # input, so both arms train on 32^3 crops that cut through the hippocampus.
     "nacl_crop32": ("NACL 32^3 crops, prior from the volume", {**CROP32, **_nacl()}),
     "nacl_patch32": ("NACL 32^3 crops, prior from the patch", {**CROP32, **NO_PRIOR, **_nacl()}),
 }
 
-# Queue order: one run of every method first, then the extra seeds, then the ablations.
-DEFAULT_RUNS = [f"{m}_s123" for m in ("dice_ce", "nacl_mean", "ce", "focal", "nacl_ce", "ls", "svls", "mbls", "ecp")]
-DEFAULT_RUNS += ["nacl_gauss_s123"]
-DEFAULT_RUNS += [f"{m}_s{s}" for s in SEEDS[1:] for m in ("dice_ce", "nacl_mean")]
-DEFAULT_RUNS += [
-    f"{m}_s123" for m in ("nacl_a0.01", "nacl_a0.5", "nacl_k5", "nacl_softmax", "nacl_crop32", "nacl_patch32")
-]
-DEFAULT_RUNS += [f"{m}_s{s}" for s in SEEDS[1:] for m in ("nacl_a0.5", "nacl_ce", "ce", "svls")]
+# The protocol: every method at every seed (seed-major, so the first seed of every method lands first), then the
+# NACL ablations at seed 123.
+PROTOCOL_METHODS = (
+    "nacl_mean", "dice_ce", "ce", "l1ace_hard", "l1ace_soft", "mbls", "ecp", "svls", "focal", "ls", "nacl_ce",
+    "nacl_adaptive",
+)  # fmt: skip
+ABLATIONS = ("nacl_gauss", "nacl_a0.01", "nacl_a0.5", "nacl_k5", "nacl_softmax", "nacl_crop32", "nacl_patch32")
+DEFAULT_RUNS = [f"{m}_s{s}" for s in SEEDS for m in PROTOCOL_METHODS] + [f"{m}_s123" for m in ABLATIONS]
 
 METRIC_KEYS = ("dice_anterior", "dice_posterior", "dice_mean", "hd95") + tuple(
     f"{k}_{m}" for m in ("fg", "all") for k in ("ece", "cece", "ace", "mce", "nll", "brier")
@@ -111,6 +114,58 @@ NEW_KEYS = ("aece_fg", "acece_fg", "ace_monai", "mce_monai")
 METRIC_KEYS += NEW_KEYS
 # paired per-case bootstrap of each method against NACL (same seed): these metrics, 95 % intervals
 BOOTSTRAP_KEYS = ("dice_mean", "ece_fg", "cece_fg", "ace_monai", "nll_fg")
+
+
+# Class-adaptive NACL: NACL (alpha 0.1 as the start of every class's weight) plus ClassAdaptivePenalty after each
+# validation round. The constraint holds each class's one-vs-rest ECE on the validation set (all voxels) below a
+# common margin; ADAPTIVE_MARGIN is half the foreground classes' mean class ECE of the NACL run of seed 123 at its
+# last validation (a pilot: see docs/results.md), and rho moves lambda by 0.1 for a violation of one margin.
+ADAPTIVE_MARGIN = 0.002
+ADAPTIVE = {"statistic": "class_ece", "margin": ADAPTIVE_MARGIN, "rho": 0.1 / ADAPTIVE_MARGIN}
+ADAPTIVE.update({"lambda_min": 0.0, "lambda_max": 0.5})
+
+
+def adaptive_override() -> dict:
+    """train.json override for class-adaptive NACL: the handler first in ``validate#handlers`` and in the resume
+    checkpoint (found by type, so the override never addresses a list position)."""
+    config = json.loads((BUNDLE / "configs" / "train.json").read_text())
+    handler = {"_target_": "monai_nacl.handlers.ClassAdaptivePenalty", "loss": "@loss", **ADAPTIVE}
+    handler["output_transform"] = "$monai.handlers.from_engine(['logits', 'label_index'])"
+    train_handlers = json.loads(json.dumps(config["train"]["handlers"]))
+    checkpoints = [h for h in train_handlers if isinstance(h, dict) and h["_target_"].endswith("ResumableCheckpoint")]
+    if len(checkpoints) != 1:
+        raise RuntimeError(f"expected one ResumableCheckpoint in train#handlers of {BUNDLE}, got {len(checkpoints)}")
+    checkpoints[0]["save_dict"]["adaptive_penalty"] = "@validate#adaptive_penalty"
+    override = {**_nacl(), "validate#adaptive_penalty": handler, "train#handlers": train_handlers}
+    override["validate#handlers"] = ["@validate#adaptive_penalty"] + config["validate"]["handlers"]
+    return override
+
+
+def method_override(method: str) -> dict:
+    return adaptive_override() if method == "nacl_adaptive" else dict(METHODS[method][1])
+
+
+def claim(run_dir: Path) -> bool:
+    """Take ``run_dir`` for this process (a ``claim`` file holding the pid), so several workers can share one
+    queue; a claim whose process has gone is taken over."""
+    path = run_dir / "claim"
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                pid = int(path.read_text() or 0)
+                os.kill(pid, 0)
+                return False  # a live worker has it
+            except (ValueError, ProcessLookupError):
+                path.unlink(missing_ok=True)  # stale: its worker died
+                continue
+            except PermissionError:
+                return False
+        with os.fdopen(fd, "w") as f:
+            f.write(str(os.getpid()))
+        return True
+    return False
 
 
 def parse_run(run: str) -> tuple[str, int]:
@@ -130,7 +185,7 @@ def quick_datalist(out: Path) -> Path:
 
 
 def train(run_dir: Path, method: str, seed: int, args: argparse.Namespace, datalist: Path | None) -> None:
-    override = dict(METHODS[method][1])
+    override = method_override(method)
     override["seed"] = seed
     override["train#trainer#max_epochs"] = args.epochs
     override["val_interval"] = args.val_interval
@@ -444,28 +499,41 @@ def main() -> None:
         if (run_dir / "result.json").is_file() and not args.reevaluate:
             continue
         run_dir.mkdir(parents=True, exist_ok=True)
-        method, seed = parse_run(run)
-        print(f"[{i + 1}/{len(runs)}] {run}: {METHODS[method][0]}, seed {seed}, {args.epochs} epochs", flush=True)
-        trained = run_dir / "trained.json"
-        if not trained.is_file():
-            resumed = any((run_dir / "checkpoints").glob("train_checkpoint_*.pt"))
-            start = time.time()
-            train(run_dir, method, seed, args, datalist)
-            info = {"train_minutes": (time.time() - start) / 60, "epochs": args.epochs, "threads": args.threads}
-            info["resumed"] = resumed  # then train_minutes covers the last segment only
-            trained.write_text(json.dumps(info))
-        info = json.loads(trained.read_text())
-        minutes = info["train_minutes"]
-        result = {**evaluate(run_dir, args, datalist), **info}
-        (run_dir / "result.json").write_text(json.dumps(result, indent=1))
-        fg = result["T1"]
-        print(
-            f"  done in {minutes:.1f} min: DSC {fg['dice_mean'][0]:.3f}, ECE(fg) {fg['ece_fg'][0]:.4f} -> "
-            f"{result['Tfit']['ece_fg'][0]:.4f} at T={result['temperature']:.3f} (all voxels), "
-            f"{result['Tfit_fg']['ece_fg'][0]:.4f} at T={result['temperature_fg']:.3f} (foreground)",
-            flush=True,
-        )
+        if not claim(run_dir):
+            print(f"[{i + 1}/{len(runs)}] {run}: another worker has it, skipped", flush=True)
+            continue
+        try:
+            run_one(run, run_dir, i, len(runs), args, datalist)
+        finally:
+            (run_dir / "claim").unlink(missing_ok=True)
     report(args.out, runs)
+
+
+def run_one(run: str, run_dir: Path, i: int, n: int, args: argparse.Namespace, datalist: Path | None) -> None:
+    """Train (resuming) and evaluate one run."""
+    if (run_dir / "result.json").is_file() and not args.reevaluate:
+        return  # another worker finished it meanwhile
+    method, seed = parse_run(run)
+    print(f"[{i + 1}/{n}] {run}: {METHODS[method][0]}, seed {seed}, {args.epochs} epochs", flush=True)
+    trained = run_dir / "trained.json"
+    if not trained.is_file():
+        resumed = any((run_dir / "checkpoints").glob("train_checkpoint_*.pt"))
+        start = time.time()
+        train(run_dir, method, seed, args, datalist)
+        info = {"train_minutes": (time.time() - start) / 60, "epochs": args.epochs, "threads": args.threads}
+        info["resumed"] = resumed  # then train_minutes covers the last segment only
+        trained.write_text(json.dumps(info))
+    info = json.loads(trained.read_text())
+    minutes = info["train_minutes"]
+    result = {**evaluate(run_dir, args, datalist), **info}
+    (run_dir / "result.json").write_text(json.dumps(result, indent=1))
+    fg = result["T1"]
+    print(
+        f"  done in {minutes:.1f} min: DSC {fg['dice_mean'][0]:.3f}, ECE(fg) {fg['ece_fg'][0]:.4f} -> "
+        f"{result['Tfit']['ece_fg'][0]:.4f} at T={result['temperature']:.3f} (all voxels), "
+        f"{result['Tfit_fg']['ece_fg'][0]:.4f} at T={result['temperature_fg']:.3f} (foreground)",
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

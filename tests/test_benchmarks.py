@@ -88,3 +88,42 @@ def test_paired_bootstrap_interval():
     diff, lo, hi = paired_bootstrap([1.0, 2.0, 3.0, 4.0], [0.0, 0.0, 0.0, 0.0], n=4000, seed=1)
     assert diff == 2.5 and 1.0 <= lo < 2.5 < hi <= 4.0
     assert paired_bootstrap([1.0, float("nan")], [0.0, 1.0]) == pytest.approx([float("nan")] * 3, nan_ok=True)
+
+
+def _evidence_module():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import calibration_hippocampus
+
+    return calibration_hippocampus
+
+
+def test_claim_shares_one_queue_between_workers(tmp_path):
+    claim = _evidence_module().claim
+    assert claim(tmp_path) and (tmp_path / "claim").read_text() == str(os.getpid())
+    assert not claim(tmp_path)  # held by a live process (this one)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (tmp_path / "claim").write_text(str(dead.pid))  # its worker died: taken over
+    assert claim(tmp_path) and (tmp_path / "claim").read_text() == str(os.getpid())
+
+
+def test_adaptive_override_resolves_in_the_bundle_config(tmp_path):
+    """The class-adaptive override merged into train.json the way `monai.bundle run` merges it: the handler is first
+    among the validation handlers and in the resume checkpoint, everything else as the bundle has it."""
+    from monai.bundle import ConfigParser
+
+    module = _evidence_module()
+    override = module.method_override("nacl_adaptive")
+    assert not any(part.isdigit() for key in override for part in key.split("#"))  # named ids only
+    (tmp_path / "override.json").write_text(json.dumps(override))
+    bundle_train = module.BUNDLE / "configs" / "train.json"
+    parser = ConfigParser()
+    parser.read_config([str(bundle_train), str(tmp_path / "override.json")])
+    original = json.loads(bundle_train.read_text())
+    assert parser["validate#handlers"] == ["@validate#adaptive_penalty"] + original["validate"]["handlers"]
+    checkpoints = [h for h in parser["train#handlers"] if "ResumableCheckpoint" in str(h)]
+    assert checkpoints[0]["save_dict"]["adaptive_penalty"] == "@validate#adaptive_penalty"
+    assert len(parser["train#handlers"]) == len(original["train"]["handlers"])
+    handler = parser.get_parsed_content("validate#adaptive_penalty", instantiate=True)
+    assert type(handler).__name__ == "ClassAdaptivePenalty" and handler.statistic == "class_ece"
+    assert parser.get_parsed_content("validate#adaptive_penalty#loss") is parser.get_parsed_content("loss")
