@@ -268,7 +268,9 @@ def evaluate(
         for t in scales
         for m in ("foreground", "all")
     }
-    adaptive = {t: CalibrationMetric(len(CLASS_NAMES), per_volume=True, binning="adaptive") for t in scales}
+    adaptive = {
+        t: CalibrationMetric(len(CLASS_NAMES), mask="foreground", per_volume=True, binning="adaptive") for t in scales
+    }
     monai_errors: dict[str, dict[str, list[float]]] = {t: {"ace_monai": [], "mce_monai": []} for t in scales}
     dice, hd95 = [], []
     for item, logits in _logits(network, inferer, Dataset(datalist_["test"], preprocessing)):
@@ -298,6 +300,8 @@ def evaluate(
                 cases[f"{k}_{tag}"] = [v[k] for v in metrics[(t, m)].get_per_volume()]
             stats = metrics[(t, m)].bin_statistics()
             torch.save({"top": stats.top, "ovr": stats.ovr, "scalars": stats.scalars}, run_dir / f"bins_{t}_{tag}.pt")
+        stats = adaptive[t].bin_statistics()
+        torch.save({"top": stats.top, "ovr": stats.ovr, "scalars": stats.scalars}, run_dir / f"bins_{t}_adaptive.pt")
         volumes = adaptive[t].get_per_volume()
         cases["aece_fg"], cases["acece_fg"] = [v["ece"] for v in volumes], [v["cece"] for v in volumes]
         cases.update(monai_errors[t])
@@ -460,14 +464,15 @@ def _figures(out: Path, runs: list[str]) -> None:
 
     for run in runs:
         for t in SCALINGS:
-            png = out / "figures" / f"{run}_{t}.png"
-            bins = out / "runs" / run / f"bins_{t}_fg.pt"
-            if not bins.is_file():
-                continue
-            stats = BinStatistics(**torch.load(bins, weights_only=True))
-            method, seed = parse_run(run)
-            title = f"{METHODS[method][0]}, seed {seed}, {SCALINGS[t]} (test, foreground)"
-            plot_reliability(stats, png, class_names=CLASS_NAMES, title=title)
+            for tag, binning, what in (("fg", "uniform", "foreground"), ("adaptive", "adaptive", "foreground")):
+                png = out / "figures" / f"{run}_{t}{'' if tag == 'fg' else '_' + tag}.png"
+                bins = out / "runs" / run / f"bins_{t}_{tag}.pt"
+                if not bins.is_file():
+                    continue
+                stats = BinStatistics(**torch.load(bins, weights_only=True), binning=binning)
+                method, seed = parse_run(run)
+                title = f"{METHODS[method][0]}, seed {seed}, {SCALINGS[t]} (test, {what}, {binning} bins)"
+                plot_reliability(stats, png, class_names=CLASS_NAMES, title=title)
 
 
 def main() -> None:

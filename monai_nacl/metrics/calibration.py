@@ -90,13 +90,22 @@ class BinStatistics:
         equal_mass_bins: ``None`` when the last axis holds the bins themselves; otherwise the last axis is the
             fine histogram of adaptive binning (:func:`fine_bin_index`) and this many equal-mass bins are formed
             from it (:meth:`equal_mass`).
+        binning: ``"uniform"`` (equal-width bins) or ``"adaptive"`` (equal-mass bins, or the fine histogram they
+            are formed from); reliability diagrams draw the two differently. Set from ``equal_mass_bins`` when
+            that is given.
     """
 
     def __init__(
-        self, top: torch.Tensor, ovr: torch.Tensor, scalars: torch.Tensor, equal_mass_bins: int | None = None
+        self,
+        top: torch.Tensor,
+        ovr: torch.Tensor,
+        scalars: torch.Tensor,
+        equal_mass_bins: int | None = None,
+        binning: str = "uniform",
     ) -> None:
         self.top, self.ovr, self.scalars = top, ovr, scalars
         self.equal_mass_bins = equal_mass_bins
+        self.binning = look_up_option("adaptive" if equal_mass_bins is not None else binning, BINNINGS)
 
     def pooled(self) -> BinStatistics:
         return BinStatistics(
@@ -104,6 +113,7 @@ class BinStatistics:
             self.ovr.sum(0, keepdim=True),
             self.scalars.sum(0, keepdim=True),
             self.equal_mass_bins,
+            self.binning,
         )
 
     def equal_mass(self) -> BinStatistics:
@@ -113,7 +123,7 @@ class BinStatistics:
             return self
         top = torch.stack(equal_mass_bins(*self.top.unbind(1), self.equal_mass_bins)[:3], 1)
         ovr = torch.stack(equal_mass_bins(*self.ovr.unbind(1), self.equal_mass_bins)[:3], 1)
-        return BinStatistics(top, ovr, self.scalars)
+        return BinStatistics(top, ovr, self.scalars, binning="adaptive")
 
     def to_dict(self) -> dict:
         """Pooled statistics as plain lists (JSON-serialisable), e.g. for reliability diagrams; for adaptive

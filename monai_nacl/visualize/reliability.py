@@ -12,28 +12,48 @@ from monai_nacl.metrics.calibration import BinStatistics
 __all__ = ["plot_reliability"]
 
 
-def _panel(ax_rel, ax_hist, count, conf_sum, acc_sum, title: str) -> None:
+def _adaptive_edges(count: np.ndarray, conf: np.ndarray, nonempty: np.ndarray) -> np.ndarray:
+    """Bar edges for equal-mass bins: midway between the mean confidences of neighbouring bins, so each bar spans
+    the confidences its bin holds (the first starts at 0, the last ends at 1)."""
+    nb = count.size
+    centres = np.where(nonempty, conf, np.nan)
+    # empty bins (no voxels at all) take their neighbour's confidence, i.e. a zero-width bar
+    filled = np.maximum.accumulate(np.nan_to_num(centres, nan=-np.inf))
+    filled = np.where(np.isfinite(filled), filled, np.nanmin(centres) if nonempty.any() else 0.0)
+    edges = np.empty(nb + 1)
+    edges[0], edges[-1] = 0.0, 1.0
+    edges[1:-1] = (filled[:-1] + filled[1:]) / 2
+    return edges
+
+
+def _panel(ax_rel, ax_hist, count, conf_sum, acc_sum, title: str, equal_mass: bool = False) -> None:
     count, conf_sum, acc_sum = (np.asarray(a, dtype=float) for a in (count, conf_sum, acc_sum))
     nb = count.size
-    edges = np.linspace(0.0, 1.0, nb + 1)
-    centres = (edges[:-1] + edges[1:]) / 2
-    width = 1.0 / nb
     nonempty = count > 0
     acc = np.divide(acc_sum, count, out=np.zeros(nb), where=nonempty)
     conf = np.divide(conf_sum, count, out=np.zeros(nb), where=nonempty)
+    edges = _adaptive_edges(count, conf, nonempty) if equal_mass else np.linspace(0.0, 1.0, nb + 1)
+    centres, width = (edges[:-1] + edges[1:]) / 2, np.diff(edges)
     ece = float((np.abs(acc - conf) * count).sum() / count.sum()) if count.sum() > 0 else float("nan")
-    ax_rel.bar(centres[nonempty], acc[nonempty], width=width, edgecolor="black", color="tab:blue", label="accuracy")
+    kind = "adaptive ECE" if equal_mass else "ECE"
+    bars = {"width": width[nonempty], "align": "center"}
+    ax_rel.bar(centres[nonempty], acc[nonempty], **bars, edgecolor="black", color="tab:blue", label="accuracy")
     gap_lo = np.minimum(acc, conf)[nonempty]
     gap_h = np.abs(acc - conf)[nonempty]
-    ax_rel.bar(
-        centres[nonempty], gap_h, bottom=gap_lo, width=width, color="tab:red", alpha=0.35, hatch="//", label="gap"
-    )
+    ax_rel.bar(centres[nonempty], gap_h, bottom=gap_lo, **bars, color="tab:red", alpha=0.35, hatch="//", label="gap")
+    if equal_mass:  # bars span unequal ranges: mark where each bin's mean confidence lies
+        ax_rel.plot(conf[nonempty], acc[nonempty], "o", color="black", ms=2.5, label="mean confidence")
     ax_rel.plot([0, 1], [0, 1], "k--", lw=1)
-    ax_rel.set(xlim=(0, 1), ylim=(0, 1), ylabel="accuracy", title=f"{title}\nECE {ece:.4f}")
+    ax_rel.set(xlim=(0, 1), ylim=(0, 1), ylabel="accuracy", title=f"{title}\n{kind} {ece:.4f}")
     ax_rel.legend(loc="upper left", fontsize=7)
     frac = count / max(count.sum(), 1.0)
-    ax_hist.bar(centres, frac, width=width, color="tab:gray", edgecolor="black")
-    ax_hist.set(xlim=(0, 1), xlabel="confidence", ylabel="fraction")
+    if equal_mass:  # every bin holds the same share: show the density of confidences instead
+        density = np.divide(frac, width, out=np.zeros(nb), where=width > 0)
+        ax_hist.bar(centres, density, width=width, color="tab:gray", edgecolor="black")
+        ax_hist.set(xlim=(0, 1), xlabel="confidence (equal-mass bins)", ylabel="density", yscale="log")
+    else:
+        ax_hist.bar(centres, frac, width=width, color="tab:gray", edgecolor="black")
+        ax_hist.set(xlim=(0, 1), xlabel="confidence", ylabel="fraction")
 
 
 def plot_reliability(
@@ -59,16 +79,17 @@ def plot_reliability(
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
-    pooled = stats.pooled()
+    equal_mass = stats.binning == "adaptive"
+    pooled = stats.pooled().equal_mass()
     n_classes = pooled.ovr.shape[2]
     names = list(class_names) if class_names is not None else [f"class {i}" for i in range(n_classes)]
     if len(names) != n_classes:
         raise ValueError(f"class_names has {len(names)} names for {n_classes} classes.")
     cols = n_classes + 1
     fig, axes = plt.subplots(2, cols, figsize=(3.2 * cols, 4.6), gridspec_kw={"height_ratios": [3, 1]}, squeeze=False)
-    _panel(axes[0, 0], axes[1, 0], *pooled.top[0], "top-label")
+    _panel(axes[0, 0], axes[1, 0], *pooled.top[0], "top-label", equal_mass)
     for c in range(n_classes):
-        _panel(axes[0, c + 1], axes[1, c + 1], *pooled.ovr[0, :, c], f"{names[c]} (one-vs-rest)")
+        _panel(axes[0, c + 1], axes[1, c + 1], *pooled.ovr[0, :, c], f"{names[c]} (one-vs-rest)", equal_mass)
     if title:
         fig.suptitle(title)
     fig.tight_layout()

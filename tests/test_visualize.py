@@ -1,0 +1,82 @@
+"""Reliability diagrams: equal-width bins at their fixed positions, equal-mass bins where their voxels lie."""
+
+from __future__ import annotations
+
+import matplotlib
+import numpy as np
+import pytest
+import torch
+
+from monai_nacl.metrics import CalibrationMetric
+from monai_nacl.visualize import plot_reliability
+from monai_nacl.visualize.reliability import _adaptive_edges
+
+matplotlib.use("Agg")
+
+
+def _confident_volume(seed: int = 0):
+    """Confidences piled up near 1, as a trained segmentation network's are."""
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(1, 3, 12, 12, 12, generator=g) * 4
+    label = torch.randint(0, 3, (1, 1, 12, 12, 12), generator=g)
+    logits.scatter_add_(1, label, torch.full_like(logits[:, :1], 6.0))
+    return torch.softmax(logits, 1), label
+
+
+def _bars(monkeypatch, stats):
+    """Call plot_reliability and return the bar rectangles of its first panel (accuracy bars, then gap bars)."""
+    import matplotlib.axes
+
+    drawn = []
+    original = matplotlib.axes.Axes.bar
+
+    def recording_bar(self, x, height, *args, **kwargs):
+        container = original(self, x, height, *args, **kwargs)
+        drawn.append((self, [(r.get_x(), r.get_x() + r.get_width()) for r in container.patches]))
+        return container
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "bar", recording_bar)
+    return drawn
+
+
+def test_adaptive_bins_are_drawn_over_the_confidences_they_hold(tmp_path, monkeypatch):
+    probs, label = _confident_volume()
+    metric = CalibrationMetric(3, mask="all", binning="adaptive", num_bins=10)
+    metric.update(probs, label)
+    stats = metric.bin_statistics()
+    drawn = _bars(monkeypatch, stats)
+    path = plot_reliability(stats, tmp_path / "adaptive.png", class_names=["bg", "a", "b"])
+    assert path.stat().st_size > 10_000
+    top = stats.pooled().equal_mass().top[0].numpy()
+    conf = top[1] / top[0]
+    spans = drawn[0][1]  # top-label accuracy bars
+    assert len(spans) == 10
+    # each bar covers its bin's mean confidence, bars tile [0, 1] in confidence order without overlap
+    for (lo, hi), c in zip(spans, conf):
+        assert lo - 1e-9 <= c <= hi + 1e-9
+    assert spans[0][0] == pytest.approx(0.0) and spans[-1][1] == pytest.approx(1.0)
+    assert all(a[1] == pytest.approx(b[0]) for a, b in zip(spans, spans[1:]))
+    # most voxels are confident, so equal-mass bars are narrow near 1 (equal-width bars would all be 0.1 wide)
+    assert spans[-1][1] - spans[-1][0] < 0.05
+    title = drawn[0][0].get_title()
+    assert "adaptive ECE" in title
+    assert float(title.split()[-1]) == pytest.approx(metric.aggregate()["ece"], abs=1e-4)
+
+
+def test_equal_width_bins_keep_their_fixed_positions(tmp_path, monkeypatch):
+    probs, label = _confident_volume()
+    metric = CalibrationMetric(3, mask="all", num_bins=10)
+    metric.update(probs, label)
+    drawn = _bars(monkeypatch, metric.bin_statistics())
+    plot_reliability(metric.bin_statistics(), tmp_path / "uniform.png")
+    for lo, hi in drawn[0][1]:
+        assert hi - lo == pytest.approx(0.1)
+        assert round(lo * 10, 6) == pytest.approx(round(lo * 10))  # on the grid k/10
+
+
+def test_adaptive_edges_with_empty_bins():
+    count = np.array([0.0, 2.0, 0.0, 3.0])
+    conf = np.array([0.0, 0.3, 0.0, 0.8])
+    edges = _adaptive_edges(count, conf, count > 0)
+    assert edges[0] == 0.0 and edges[-1] == 1.0 and np.all(np.diff(edges) >= 0)
+    assert edges[1] <= 0.3 <= edges[2] and edges[3] <= 0.8 <= edges[4]
