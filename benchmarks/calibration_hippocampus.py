@@ -310,6 +310,24 @@ def evaluate(
     return result
 
 
+def adaptive_pilot(run_dir: Path, args: argparse.Namespace) -> list[float]:
+    """The statistic class-adaptive NACL constrains, measured on the validation split with a finished run's best
+    checkpoint: per-class one-vs-rest ECE over all voxels (``ClassAdaptivePenalty(statistic="class_ece")``)."""
+    from monai.data import Dataset
+
+    from monai_nacl.handlers import ClassAdaptivePenalty
+
+    parser, datalist_ = _bundle_parts(args, None)
+    network = load_network(parser, run_dir)
+    loss = parser.get_parsed_content("loss", instantiate=True)
+    handler = ClassAdaptivePenalty(loss, margin=0.0, rho=1e-9, statistic="class_ece")
+    preprocessing = parser.get_parsed_content("validate#preprocessing")
+    inferer = parser.get_parsed_content("validate#inferer")
+    for item, logits in _logits(network, inferer, Dataset(datalist_["validation"], preprocessing)):
+        handler.update(logits, item["label"][None])
+    return handler.compute().tolist()
+
+
 def _mean_std(values: list[float]) -> list[float]:
     finite = [v for v in values if math.isfinite(v)]
     if not finite:
@@ -348,9 +366,12 @@ def report(out: Path, runs: list[str]) -> None:
         writer.writerows(rows)
     (out / "results.json").write_text(json.dumps(rows, indent=1))
     _figures(out, sorted({r["run"] for r in rows}))
+    _summary_figures(out, rows)
     comparisons = bootstrap_against_nacl(out, runs)
     (out / "bootstrap.json").write_text(json.dumps(comparisons, indent=1))
-    text = markdown(rows) + bootstrap_markdown(comparisons)
+    pooled = pooled_against_nacl(out, runs)
+    (out / "bootstrap_pooled.json").write_text(json.dumps(pooled, indent=1))
+    text = pooled_markdown(pooled) + markdown(rows) + bootstrap_markdown(comparisons)
     (out / "tables.md").write_text(text)
     print(text)
 
@@ -370,18 +391,14 @@ def paired_bootstrap(a: list[float], b: list[float], n: int = 10_000, seed: int 
 
 def bootstrap_against_nacl(out: Path, runs: list[str]) -> list[dict]:
     """Each finished run against the NACL (Dice+CE base) run of the same seed, per scaling and metric."""
-    results = {}
-    for run in runs:
-        path = out / "runs" / run / "result.json"
-        if path.is_file():
-            results[run] = json.loads(path.read_text())
+    results = _finished(out, runs)
     rows = []
     for run, result in results.items():
         method, seed = parse_run(run)
         reference = results.get(f"nacl_mean_s{seed}")
         if method == "nacl_mean" or reference is None or "per_case" not in result or "per_case" not in reference:
             continue
-        for t in ("T1", "Tfit_near"):
+        for t in ("T1", "Tfit", "Tfit_near"):
             a, b = result["per_case"].get(t), reference["per_case"].get(t)
             if a is None or b is None:
                 continue
@@ -390,6 +407,91 @@ def bootstrap_against_nacl(out: Path, runs: list[str]) -> list[dict]:
                     diff, lo, hi = paired_bootstrap(a[key], b[key])
                     rows.append({"run": run, "scaling": t, "metric": key, "diff": diff, "lo": lo, "hi": hi})
     return rows
+
+
+def _finished(out: Path, runs: list[str]) -> dict[str, dict]:
+    results = {}
+    for run in runs:
+        path = out / "runs" / run / "result.json"
+        if path.is_file():
+            results[run] = json.loads(path.read_text())
+    return results
+
+
+def pooled_against_nacl(out: Path, runs: list[str]) -> list[dict]:
+    """Each method against NACL (Dice+CE base) over all seeds both have: per test case, the mean over those seeds
+    of the method's value and of NACL's, then a paired bootstrap over cases of the difference. ``value`` and
+    ``reference`` are the seed-averaged means; ``seed_std`` is the standard deviation over seeds of the method's
+    test mean (the spread the case bootstrap does not see)."""
+    per: dict[str, dict[int, dict]] = {}
+    for run, result in _finished(out, runs).items():
+        if "per_case" in result:
+            method, seed = parse_run(run)
+            per.setdefault(method, {})[seed] = result["per_case"]
+    reference = per.get("nacl_mean", {})
+    rows = []
+    for method, by_seed in per.items():
+        seeds = sorted(s for s in by_seed if s in reference) if method != "nacl_mean" else sorted(by_seed)
+        if not seeds:
+            continue
+        for t in ("T1", "Tfit", "Tfit_near"):
+            for key in BOOTSTRAP_KEYS:
+                cases = [by_seed[s].get(t, {}).get(key) for s in seeds]
+                refs = [reference[s].get(t, {}).get(key) for s in seeds]
+                if any(c is None for c in cases + refs):
+                    continue
+                a = torch.tensor(cases, dtype=torch.float64).nanmean(0).tolist()
+                b = torch.tensor(refs, dtype=torch.float64).nanmean(0).tolist()
+                means = [statistics.fmean(v for v in c if math.isfinite(v)) for c in cases]
+                row = {"method": method, "scaling": t, "metric": key, "seeds": seeds}
+                row["value"] = statistics.fmean(means)
+                row["seed_std"] = statistics.stdev(means) if len(means) > 1 else float("nan")
+                row["reference"] = statistics.fmean(v for v in b if math.isfinite(v))
+                if method == "nacl_mean":
+                    row["diff"] = row["lo"] = row["hi"] = 0.0
+                else:
+                    row["diff"], row["lo"], row["hi"] = paired_bootstrap(a, b)
+                rows.append(row)
+    return rows
+
+
+def pooled_markdown(rows: list[dict]) -> str:
+    """Every method over its seeds: the seed-averaged test mean and its difference from NACL [95 % interval]."""
+    if not rows:
+        return ""
+    lines = ["### Every method over its seeds against NACL (Dice+CE base)", ""]
+    lines += [
+        "Seed-averaged test mean, then the mean per-case difference from NACL over the same seeds [95 % paired "
+        "bootstrap over the test cases]; **bold**: the interval excludes 0.",
+        "",
+    ]
+    by = {(r["method"], r["scaling"], r["metric"]): r for r in rows}
+    label = {"T1": "T = 1", "Tfit": "one T", "Tfit_near": "two T"}
+    for t in ("T1", "Tfit", "Tfit_near"):
+        keys = [k for k in BOOTSTRAP_KEYS if any((m, t, k) in by for m in METHODS)]
+        if not keys:
+            continue
+        lines += [f"**{label[t]}**", "", "| method | seeds | " + " | ".join(keys) + " |"]
+        lines += ["| --- | ---: |" + " ---: |" * len(keys)]
+        for method in METHODS:
+            cells, seeds = [], None
+            for k in keys:
+                r = by.get((method, t, k))
+                if r is None:
+                    cells.append("–")
+                    continue
+                seeds = len(r["seeds"])
+                if method == "nacl_mean":
+                    cells.append(f"{r['value']:.4f}")
+                    continue
+                diff = f"{r['diff']:+.4f} [{r['lo']:+.4f}, {r['hi']:+.4f}]"
+                if r["lo"] > 0 or r["hi"] < 0:
+                    diff = f"**{diff}**"
+                cells.append(f"{r['value']:.4f} ({diff})")
+            if seeds is not None:
+                lines.append(f"| {METHODS[method][0]} | {seeds} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines) + "\n"
 
 
 def bootstrap_markdown(rows: list[dict]) -> str:
@@ -404,7 +506,7 @@ def bootstrap_markdown(rows: list[dict]) -> str:
         for k in keys:
             r = by.get((run, t, k))
             cells.append(f"{r['diff']:+.4f} [{r['lo']:+.4f}, {r['hi']:+.4f}]" if r else "–")
-        label = {"T1": "1", "Tfit_near": "two T"}[t]
+        label = {"T1": "1", "Tfit": "one T", "Tfit_near": "two T"}[t]
         lines.append(f"| {run} | {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -475,6 +577,49 @@ def _figures(out: Path, runs: list[str]) -> None:
                 plot_reliability(stats, png, class_names=CLASS_NAMES, title=title)
 
 
+def _summary_figures(out: Path, rows: list[dict]) -> None:
+    """Dice against foreground ECE, one point per run (seeds of a method share a colour), at T = 1 and two T;
+    reliability diagrams of every method side by side (first seed), T = 1 and two T, equal-width and adaptive."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    from monai_nacl.metrics.calibration import BinStatistics
+    from monai_nacl.visualize import plot_reliability_grid
+
+    methods = [m for m in METHODS if any(r["method"] == m for r in rows)]
+    colours = {m: plt.get_cmap("tab20")(i % 20) for i, m in enumerate(methods)}
+    fig, axes = plt.subplots(1, 2, figsize=(12, 5), sharey=True)
+    for ax, t in zip(axes, ("T1", "Tfit_near")):
+        for m in methods:
+            points = [(r["ece_fg"], r["dice_mean"]) for r in rows if r["method"] == m and r["scaling"] == t]
+            if points:
+                ax.scatter(*zip(*points), color=colours[m], label=METHODS[m][0], s=28, edgecolor="black", lw=0.4)
+        ax.set(xlabel="ECE, foreground voxels (paper protocol)", title={"T1": "T = 1", "Tfit_near": "two T"}[t])
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("mean Dice (test)")
+    axes[1].legend(fontsize=7, loc="lower right")
+    fig.suptitle("Dice against calibration, one point per run (seed)")
+    fig.tight_layout()
+    (out / "figures").mkdir(parents=True, exist_ok=True)
+    fig.savefig(out / "figures" / "dice_vs_ece.png", dpi=90)
+    plt.close(fig)
+    for t in ("T1", "Tfit_near"):
+        for tag, binning in (("fg", "uniform"), ("adaptive", "adaptive")):
+            stats = {}
+            for m in methods:
+                runs = sorted(
+                    {(r["seed"] != 123, r["seed"], r["run"]) for r in rows if r["method"] == m}
+                )  # seed 123 first: the bundle's seed
+                bins = out / "runs" / runs[0][2] / f"bins_{t}_{tag}.pt"
+                if bins.is_file():
+                    stats[METHODS[m][0]] = BinStatistics(**torch.load(bins, weights_only=True), binning=binning)
+            if stats:
+                title = f"Top-label reliability, test foreground voxels, {SCALINGS[t]}, {binning} bins"
+                plot_reliability_grid(stats, out / "figures" / f"reliability_methods_{t}_{tag}.png", title)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-dir", type=Path, default=DEFAULT_DATA, help="MSD Task04_Hippocampus folder")
@@ -486,7 +631,17 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="8/4/4 cases, 1 epoch, CE+Dice and NACL only")
     p.add_argument("--report-only", action="store_true")
     p.add_argument("--reevaluate", action="store_true", help="evaluate finished runs again (training is kept)")
+    p.add_argument(
+        "--adaptive-pilot",
+        metavar="RUN",
+        help="print the validation class ECE per class of a finished run (how ADAPTIVE_MARGIN was chosen) and exit",
+    )
     args = p.parse_args()
+    if args.adaptive_pilot:
+        parse_run(args.adaptive_pilot)
+        stat = adaptive_pilot(args.out / "runs" / args.adaptive_pilot, args)
+        print(f"{args.adaptive_pilot}: validation class ECE per class {[round(v, 6) for v in stat]}")
+        return
     if args.quick:
         args.epochs, args.val_interval = 1, 1
         args.out = args.out.with_name(args.out.name + "_quick")

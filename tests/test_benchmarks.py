@@ -42,11 +42,18 @@ def test_calibration_hippocampus_quick_mode(tmp_path):
         assert len(result_json["per_case"]["T1"][key]) == 4
     # CE against NACL of the same seed: paired bootstrap intervals around the mean per-case difference
     boot = json.loads((out / "bootstrap.json").read_text())
-    assert {(b["run"], b["scaling"]) for b in boot} == {("ce_s1", "T1"), ("ce_s1", "Tfit_near")}
+    assert {(b["run"], b["scaling"]) for b in boot} == {("ce_s1", t) for t in ("T1", "Tfit", "Tfit_near")}
     for b in boot:
         assert b["lo"] <= b["diff"] <= b["hi"]
+    # over seeds: with one shared seed the pooled comparison is the per-seed one
+    pooled = json.loads((out / "bootstrap_pooled.json").read_text())
+    same_seed = {(b["scaling"], b["metric"]): b["diff"] for b in boot}
+    for row in (r for r in pooled if r["method"] == "ce"):
+        assert row["seeds"] == [1] and row["diff"] == pytest.approx(same_seed[(row["scaling"], row["metric"])])
     assert "paired bootstrap" in (out / "tables.md").read_text()
-    assert (out / "figures" / "ce_s1_Tfit.png").is_file()
+    for figure in ("ce_s1_Tfit.png", "ce_s1_T1_adaptive.png", "dice_vs_ece.png", "reliability_methods_T1_fg.png"):
+        assert (out / "figures" / figure).is_file(), figure
+    assert (out / "figures" / "reliability_methods_Tfit_near_adaptive.png").is_file()
     # a rerun skips finished runs and only refreshes the tables
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert again.returncode == 0 and "30 epochs" not in again.stdout and "[1/3]" not in again.stdout
@@ -127,3 +134,30 @@ def test_adaptive_override_resolves_in_the_bundle_config(tmp_path):
     handler = parser.get_parsed_content("validate#adaptive_penalty", instantiate=True)
     assert type(handler).__name__ == "ClassAdaptivePenalty" and handler.statistic == "class_ece"
     assert parser.get_parsed_content("validate#adaptive_penalty#loss") is parser.get_parsed_content("loss")
+
+
+def test_pooled_comparison_averages_seeds_per_case(tmp_path):
+    """Two seeds: the per-case difference is averaged over seeds before the cases are resampled."""
+    module = _evidence_module()
+    cases = {"nacl_mean": {1: [0.1, 0.2, 0.3], 2: [0.3, 0.2, 0.1]}, "ce": {1: [0.2, 0.3, 0.4], 2: [0.2, 0.1, 0.0]}}
+    for method, by_seed in cases.items():
+        for seed, values in by_seed.items():
+            run = tmp_path / "runs" / f"{method}_s{seed}"
+            run.mkdir(parents=True)
+            dice = [0.85 - 0.05 * (method == "ce")] * 3  # CE 0.05 below NACL on every case
+            per_case = {"T1": {"ece_fg": values, "dice_mean": dice}}
+            (run / "result.json").write_text(json.dumps({"per_case": per_case}))
+    runs = ["nacl_mean_s1", "nacl_mean_s2", "ce_s1", "ce_s2", "ce_s3"]
+    all_rows = module.pooled_against_nacl(tmp_path, runs)
+    rows = {r["method"]: r for r in all_rows if r["metric"] == "ece_fg"}
+    # per case, seed means: ce [0.2, 0.2, 0.2], NACL [0.2, 0.2, 0.2] -> no difference at all
+    assert rows["ce"]["seeds"] == [1, 2] and rows["ce"]["diff"] == pytest.approx(0.0, abs=1e-12)
+    assert rows["ce"]["lo"] == pytest.approx(0.0, abs=1e-12) and rows["ce"]["hi"] == pytest.approx(0.0, abs=1e-12)
+    # the seed means differ (0.3 and 0.1): that spread is reported beside the interval
+    assert rows["ce"]["value"] == pytest.approx(0.2) and rows["ce"]["seed_std"] == pytest.approx(0.1414213, rel=1e-5)
+    assert rows["nacl_mean"]["value"] == pytest.approx(0.2) and rows["nacl_mean"]["diff"] == 0.0
+    dice = next(r for r in all_rows if r["method"] == "ce" and r["metric"] == "dice_mean")
+    assert dice["diff"] == pytest.approx(-0.05) and dice["hi"] == pytest.approx(-0.05)
+    text = module.pooled_markdown(all_rows)
+    # only the Dice difference, whose interval excludes 0, is bold
+    assert "| CE | 2 | 0.8000 (**-0.0500 [-0.0500, -0.0500]**) | 0.2000 (+0.0000 [+0.0000, +0.0000]) |" in text

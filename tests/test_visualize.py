@@ -80,3 +80,23 @@ def test_adaptive_edges_with_empty_bins():
     edges = _adaptive_edges(count, conf, count > 0)
     assert edges[0] == 0.0 and edges[-1] == 1.0 and np.all(np.diff(edges) >= 0)
     assert edges[1] <= 0.3 <= edges[2] and edges[3] <= 0.8 <= edges[4]
+
+
+def test_reliability_grid_draws_one_panel_per_entry(tmp_path, monkeypatch):
+    from monai_nacl.visualize import plot_reliability_grid
+
+    stats = {}
+    for seed, binning in enumerate(("uniform", "adaptive", "uniform")):
+        metric = CalibrationMetric(3, mask="all", binning=binning, num_bins=10)
+        metric.update(*_confident_volume(seed))
+        stats[f"method {seed} ({binning})"] = metric.bin_statistics()
+    drawn = _bars(monkeypatch, stats)
+    path = plot_reliability_grid(stats, tmp_path / "grid.png", title="three methods", columns=2)
+    assert path.stat().st_size > 10_000
+    titles = [ax.get_title() for ax, _ in drawn if ax.get_title()]
+    assert len(dict.fromkeys(titles)) == 3
+    assert [t.split("\n")[1].split()[0] for t in dict.fromkeys(titles)] == ["ECE", "adaptive", "ECE"]
+    with pytest.raises(ValueError, match="stats is empty"):
+        plot_reliability_grid({}, tmp_path / "none.png")
+    with pytest.raises(ValueError, match="columns"):
+        plot_reliability_grid(stats, tmp_path / "bad.png", columns=0)

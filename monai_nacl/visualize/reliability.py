@@ -9,7 +9,7 @@ import numpy as np
 
 from monai_nacl.metrics.calibration import BinStatistics
 
-__all__ = ["plot_reliability"]
+__all__ = ["plot_reliability", "plot_reliability_grid"]
 
 
 def _adaptive_edges(count: np.ndarray, conf: np.ndarray, nonempty: np.ndarray) -> np.ndarray:
@@ -96,5 +96,58 @@ def plot_reliability(
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_reliability_grid(
+    stats: dict[str, BinStatistics],
+    path: str | Path,
+    title: str = "",
+    columns: int = 4,
+) -> Path:
+    """Write a PNG of top-label reliability diagrams side by side, one per entry of ``stats`` (e.g. one per
+    method), each with its confidence histogram under it, drawn as :func:`plot_reliability` draws them.
+
+    Args:
+        stats: panel title -> bin statistics (pooled over the volumes it holds); uniform or adaptive binning.
+        path: output PNG path (folders are created).
+        title: figure title.
+        columns: panels per row.
+
+    Returns:
+        the written path.
+
+    Raises:
+        ValueError: ``stats`` is empty or ``columns`` is not a positive integer.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    if not stats:
+        raise ValueError("stats is empty: nothing to plot.")
+    if not isinstance(columns, int) or isinstance(columns, bool) or columns < 1:
+        raise ValueError(f"columns must be a positive integer, got {columns!r}.")
+    cols = min(columns, len(stats))
+    rows = -(-len(stats) // cols)
+    fig, axes = plt.subplots(
+        2 * rows, cols, figsize=(3.2 * cols, 4.6 * rows), gridspec_kw={"height_ratios": [3, 1] * rows}, squeeze=False
+    )
+    for i, (name, panel_stats) in enumerate(stats.items()):
+        r, c = divmod(i, cols)
+        pooled = panel_stats.pooled().equal_mass()
+        _panel(axes[2 * r, c], axes[2 * r + 1, c], *pooled.top[0], name, panel_stats.binning == "adaptive")
+    for i in range(len(stats), rows * cols):  # unused cells of the last row
+        r, c = divmod(i, cols)
+        axes[2 * r, c].axis("off")
+        axes[2 * r + 1, c].axis("off")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
     plt.close(fig)
     return path
