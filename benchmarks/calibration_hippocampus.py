@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 import math
 import os
@@ -120,9 +121,10 @@ BOOTSTRAP_KEYS = ("dice_mean", "ece_fg", "cece_fg", "ace_monai", "nll_fg")
 
 # Class-adaptive NACL: NACL (alpha 0.1 as the start of every class's weight) plus ClassAdaptivePenalty after each
 # validation round. The constraint holds each class's one-vs-rest ECE on the validation set (all voxels) below a
-# common margin; ADAPTIVE_MARGIN is half the foreground classes' mean class ECE of the NACL run of seed 123 at its
-# last validation (a pilot: see docs/results.md), and rho moves lambda by 0.1 for a violation of one margin.
-ADAPTIVE_MARGIN = 0.002
+# common margin; ADAPTIVE_MARGIN is half the foreground classes' mean class ECE of the NACL run of seed 123 (its
+# best checkpoint, `--adaptive-pilot nacl_mean_s123`; see docs/results.md), and rho moves lambda by 0.1 for a
+# violation of one margin.
+ADAPTIVE_MARGIN = 0.0016  # validation class ECE of nacl_mean_s123: [0.0058, 0.0033, 0.0031]
 ADAPTIVE = {"statistic": "class_ece", "margin": ADAPTIVE_MARGIN, "rho": 0.1 / ADAPTIVE_MARGIN}
 ADAPTIVE.update({"lambda_min": 0.0, "lambda_max": 0.5})
 
@@ -147,27 +149,29 @@ def method_override(method: str) -> dict:
     return adaptive_override() if method == "nacl_adaptive" else dict(METHODS[method][1])
 
 
-def claim(run_dir: Path) -> bool:
-    """Take ``run_dir`` for this process (a ``claim`` file holding the pid), so several workers can share one
-    queue; a claim whose process has gone is taken over."""
-    path = run_dir / "claim"
-    for _ in range(2):
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            try:
-                pid = int(path.read_text() or 0)
-                os.kill(pid, 0)
-                return False  # a live worker has it
-            except (ValueError, ProcessLookupError):
-                path.unlink(missing_ok=True)  # stale: its worker died
-                continue
-            except PermissionError:
-                return False
-        with os.fdopen(fd, "w") as f:
-            f.write(str(os.getpid()))
-        return True
-    return False
+def claim(run_dir: Path) -> int | None:
+    """Take ``run_dir`` for this process, so several workers can share one queue: an exclusive ``flock`` on its
+    ``claim`` file, or ``None`` when another process holds it. The lock lives as long as the returned descriptor is
+    open in any process (the trainer inherits it), so a killed worker whose trainer still runs keeps its run, and a
+    run is free again as soon as both are gone; no stale-pid logic."""
+    import fcntl
+
+    fd = os.open(run_dir / "claim", os.O_CREAT | os.O_RDWR, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    os.ftruncate(fd, 0)
+    os.write(fd, str(os.getpid()).encode())  # for people reading the folder
+    return fd
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Readers (the other worker's report) never see a half-written file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def parse_run(run: str) -> tuple[str, int]:
@@ -186,7 +190,9 @@ def quick_datalist(out: Path) -> Path:
     return path
 
 
-def train(run_dir: Path, method: str, seed: int, args: argparse.Namespace, datalist: Path | None) -> None:
+def train(
+    run_dir: Path, method: str, seed: int, args: argparse.Namespace, datalist: Path | None, claim_fd: int | None = None
+) -> None:
     override = method_override(method)
     override["seed"] = seed
     override["train#trainer#max_epochs"] = args.epochs
@@ -203,7 +209,8 @@ def train(run_dir: Path, method: str, seed: int, args: argparse.Namespace, datal
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     with open(run_dir / "train.log", "a") as log:
-        proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=BUNDLE)
+        fds = () if claim_fd is None else (claim_fd,)  # the trainer holds the run's claim too
+        proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=BUNDLE, pass_fds=fds)
     if proc.returncode != 0 or not (run_dir / "models" / "model.pt").is_file():
         raise RuntimeError(f"training {run_dir.name} failed (exit {proc.returncode}); see {run_dir / 'train.log'}")
 
@@ -291,6 +298,7 @@ def evaluate(
         hd95.append(float(compute_hausdorff_distance(pred, gt, include_background=False, percentile=95).mean()))
 
     result: dict = {"temperature": scales["Tfit"], "temperature_fg": scales["Tfit_fg"], "n_test": len(dice)}
+    result["cases"] = [Path(d["image"]).name for d in datalist_["test"]]  # the order of every per_case list
     result["temperature_near"] = scales["Tfit_near"]
     result["per_case"] = {}
     for t in scales:
@@ -362,25 +370,28 @@ def report(out: Path, runs: list[str]) -> None:
     if not rows:
         print("no finished runs yet")
         return
-    with open(out / "results.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    (out / "results.json").write_text(json.dumps(rows, indent=1))
+    table = io.StringIO(newline="")
+    writer = csv.DictWriter(table, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    _write_atomic(out / "results.csv", table.getvalue())
+    _write_atomic(out / "results.json", json.dumps(rows, indent=1))
     _figures(out, sorted({r["run"] for r in rows}))
     _summary_figures(out, rows)
     comparisons = bootstrap_against_nacl(out, runs)
-    (out / "bootstrap.json").write_text(json.dumps(comparisons, indent=1))
+    _write_atomic(out / "bootstrap.json", json.dumps(comparisons, indent=1))
     pooled = pooled_against_nacl(out, runs)
-    (out / "bootstrap_pooled.json").write_text(json.dumps(pooled, indent=1))
+    _write_atomic(out / "bootstrap_pooled.json", json.dumps(pooled, indent=1))
     text = pooled_markdown(pooled) + markdown(rows) + bootstrap_markdown(comparisons)
-    (out / "tables.md").write_text(text)
+    _write_atomic(out / "tables.md", text)
     print(text)
 
 
 def paired_bootstrap(a: list[float], b: list[float], n: int = 10_000, seed: int = 0) -> list[float]:
     """Mean of the per-case differences ``a - b`` and its 95 % percentile bootstrap interval (cases resampled
     in pairs, so the shared per-case difficulty cancels); cases where either value is not finite are dropped."""
+    if len(a) != len(b):
+        raise ValueError(f"paired bootstrap needs the same cases: {len(a)} values against {len(b)}")
     pairs = torch.tensor([(x, y) for x, y in zip(a, b) if math.isfinite(x) and math.isfinite(y)], dtype=torch.float64)
     if len(pairs) < 2:
         return [float("nan")] * 3
@@ -420,41 +431,84 @@ def _finished(out: Path, runs: list[str]) -> dict[str, dict]:
     return results
 
 
+def seeds_and_cases_bootstrap(diff: torch.Tensor, n: int = 10_000, seed: int = 0) -> list[float]:
+    """Mean of a ``seeds x cases`` matrix of paired differences and its 95 % percentile interval from a two-level
+    bootstrap: each replicate draws the seeds with replacement, then the cases with replacement (the same cases for
+    every drawn seed, so per-case difficulty still cancels in the pairing), and averages. Training-seed variation
+    and case variation both widen the interval; with one seed it is the paired case bootstrap. With 3 seeds the
+    seed level is coarse (27 draws), so the interval is a rough guide, not an exact coverage statement."""
+    k, m = diff.shape
+    g = torch.Generator().manual_seed(seed)
+    s_idx = torch.randint(k, (n, k), generator=g)
+    c_idx = torch.randint(m, (n, m), generator=g)
+    # replicate r: mean over drawn seeds i and drawn cases j of diff[s_idx[r, i], c_idx[r, j]]
+    per_seed = diff[s_idx]  # n, k, m
+    means = per_seed.gather(2, c_idx[:, None, :].expand(n, k, m)).mean((1, 2))
+    lo, hi = torch.quantile(means, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+    return [float(diff.mean()), lo, hi]
+
+
 def pooled_against_nacl(out: Path, runs: list[str]) -> list[dict]:
-    """Each method against NACL (Dice+CE base) over all seeds both have: per test case, the mean over those seeds
-    of the method's value and of NACL's, then a paired bootstrap over cases of the difference. ``value`` and
-    ``reference`` are the seed-averaged means; ``seed_std`` is the standard deviation over seeds of the method's
-    test mean (the spread the case bootstrap does not see)."""
+    """Each method against NACL (Dice+CE base) over the seeds both have: the ``seeds x cases`` matrix of paired
+    per-case differences (method minus NACL, same seed, same test case) and a two-level bootstrap interval over
+    seeds and cases (:func:`seeds_and_cases_bootstrap`). Cases are paired by their test-case id when the results
+    hold them (by position otherwise, checked to have the same count); a case enters only where it is finite for
+    every seed of both. ``value`` and ``reference`` are the two means over those seeds and cases (so
+    ``value - reference == diff``); ``seed_diffs`` are the per-seed mean differences."""
     per: dict[str, dict[int, dict]] = {}
     for run, result in _finished(out, runs).items():
         if "per_case" in result:
             method, seed = parse_run(run)
-            per.setdefault(method, {})[seed] = result["per_case"]
+            per.setdefault(method, {})[seed] = result
     reference = per.get("nacl_mean", {})
     rows = []
     for method, by_seed in per.items():
-        seeds = sorted(s for s in by_seed if s in reference) if method != "nacl_mean" else sorted(by_seed)
+        seeds = sorted(s for s in by_seed if s in reference)
         if not seeds:
             continue
         for t in ("T1", "Tfit", "Tfit_near"):
             for key in BOOTSTRAP_KEYS:
-                cases = [by_seed[s].get(t, {}).get(key) for s in seeds]
-                refs = [reference[s].get(t, {}).get(key) for s in seeds]
-                if any(c is None for c in cases + refs):
+                pair = _paired_cases(by_seed, reference, seeds, t, key)
+                if pair is None:
                     continue
-                a = torch.tensor(cases, dtype=torch.float64).nanmean(0).tolist()
-                b = torch.tensor(refs, dtype=torch.float64).nanmean(0).tolist()
-                means = [statistics.fmean(v for v in c if math.isfinite(v)) for c in cases]
-                row = {"method": method, "scaling": t, "metric": key, "seeds": seeds}
-                row["value"] = statistics.fmean(means)
-                row["seed_std"] = statistics.stdev(means) if len(means) > 1 else float("nan")
-                row["reference"] = statistics.fmean(v for v in b if math.isfinite(v))
+                a, b = pair
+                row = {"method": method, "scaling": t, "metric": key, "seeds": seeds, "n_cases": a.shape[1]}
+                row["value"], row["reference"] = float(a.mean()), float(b.mean())
+                row["seed_diffs"] = (a - b).mean(1).tolist()
                 if method == "nacl_mean":
                     row["diff"] = row["lo"] = row["hi"] = 0.0
                 else:
-                    row["diff"], row["lo"], row["hi"] = paired_bootstrap(a, b)
+                    row["diff"], row["lo"], row["hi"] = seeds_and_cases_bootstrap(a - b)
                 rows.append(row)
     return rows
+
+
+def _paired_cases(by_seed: dict, reference: dict, seeds: list[int], t: str, key: str):
+    """``seeds x cases`` float64 matrices of a method and NACL on the same cases, or None when there is nothing to
+    pair (a missing scaling or metric, or no case finite everywhere)."""
+    a_rows, b_rows = [], []
+    for s in seeds:
+        mine, ref = by_seed[s], reference[s]
+        x, y = mine["per_case"].get(t, {}).get(key), ref["per_case"].get(t, {}).get(key)
+        if x is None or y is None:
+            return None
+        ids_x, ids_y = mine.get("cases"), ref.get("cases")
+        if ids_x is not None and ids_y is not None:
+            order = {c: i for i, c in enumerate(ids_x)}
+            if set(order) != set(ids_y):
+                raise ValueError(f"{key}, seed {s}: the method and NACL were evaluated on different test cases")
+            x = [x[order[c]] for c in ids_y]
+        elif len(x) != len(y):
+            raise ValueError(f"{key}, seed {s}: {len(x)} test cases against NACL's {len(y)}; cannot pair them")
+        a_rows.append(x)
+        b_rows.append(y)
+    if len({len(r) for r in a_rows}) != 1:
+        raise ValueError(f"{key}: the seeds were evaluated on different numbers of test cases")
+    a, b = torch.tensor(a_rows, dtype=torch.float64), torch.tensor(b_rows, dtype=torch.float64)
+    keep = (a.isfinite() & b.isfinite()).all(0)
+    if not keep.any():
+        return None
+    return a[:, keep], b[:, keep]
 
 
 def pooled_markdown(rows: list[dict]) -> str:
@@ -463,8 +517,11 @@ def pooled_markdown(rows: list[dict]) -> str:
         return ""
     lines = ["### Every method over its seeds against NACL (Dice+CE base)", ""]
     lines += [
-        "Seed-averaged test mean, then the mean per-case difference from NACL over the same seeds [95 % paired "
-        "bootstrap over the test cases]; **bold**: the interval excludes 0.",
+        "Each cell: the method's mean over its seeds and the test cases, then its difference from NACL over the "
+        "same seeds and cases [95 % interval of a two-level bootstrap: seeds, then cases, paired by seed and "
+        "case], then the range of the per-seed differences. **Bold**: the interval excludes 0. The intervals are "
+        "not corrected for the many comparisons in this table, and with three seeds the seed level is coarse: "
+        "read them as a guide to which differences are larger than the training noise, not as tests.",
         "",
     ]
     by = {(r["method"], r["scaling"], r["metric"]): r for r in rows}
@@ -489,7 +546,9 @@ def pooled_markdown(rows: list[dict]) -> str:
                 diff = f"{r['diff']:+.4f} [{r['lo']:+.4f}, {r['hi']:+.4f}]"
                 if r["lo"] > 0 or r["hi"] < 0:
                     diff = f"**{diff}**"
-                cells.append(f"{r['value']:.4f} ({diff})")
+                spread = r["seed_diffs"]
+                seeds_text = f"; seeds {min(spread):+.4f}..{max(spread):+.4f}" if len(spread) > 1 else ""
+                cells.append(f"{r['value']:.4f} ({diff}{seeds_text})")
             if seeds is not None:
                 lines.append(f"| {METHODS[method][0]} | {seeds} | " + " | ".join(cells) + " |")
         lines.append("")
@@ -616,7 +675,8 @@ def _summary_figures(out: Path, rows: list[dict]) -> None:
                 )  # seed 123 first: the bundle's seed
                 bins = out / "runs" / runs[0][2] / f"bins_{t}_{tag}.pt"
                 if bins.is_file():
-                    stats[METHODS[m][0]] = BinStatistics(**torch.load(bins, weights_only=True), binning=binning)
+                    name = f"{METHODS[m][0]}, seed {runs[0][1]}"
+                    stats[name] = BinStatistics(**torch.load(bins, weights_only=True), binning=binning)
             if stats:
                 title = f"Top-label reliability, test foreground voxels, {SCALINGS[t]}, {binning} bins"
                 plot_reliability_grid(stats, out / "figures" / f"reliability_methods_{t}_{tag}.png", title)
@@ -664,21 +724,31 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     datalist = quick_datalist(args.out) if args.quick else None
 
+    failed: list[str] = []
     for i, run in enumerate([] if args.report_only else runs):
         run_dir = args.out / "runs" / run
         if (run_dir / "result.json").is_file() and not args.reevaluate:
             continue
         run_dir.mkdir(parents=True, exist_ok=True)
-        if not claim(run_dir):
+        fd = claim(run_dir)
+        if fd is None:
             print(f"[{i + 1}/{len(runs)}] {run}: another worker has it, skipped", flush=True)
             continue
         try:
-            run_one(run, run_dir, i, len(runs), args, datalist)
+            run_one(run, run_dir, i, len(runs), args, datalist, fd)
+        except Exception:  # one broken run must not abandon the queue: record it, go on, fail at the end
+            import traceback
+
+            failed.append(run)
+            _write_atomic(run_dir / "failed.txt", traceback.format_exc())
+            print(f"[{i + 1}/{len(runs)}] {run} FAILED (see {run_dir / 'failed.txt'})", flush=True)
         finally:
-            (run_dir / "claim").unlink(missing_ok=True)
+            os.close(fd)
     report(args.out, runs)
     if args.publish:
         publish(args.out)
+    if failed:
+        raise SystemExit(f"{len(failed)} run(s) failed: {' '.join(failed)}")
 
 
 def publish(out: Path) -> None:
@@ -688,10 +758,15 @@ def publish(out: Path) -> None:
 
     PUBLISH_DIR.mkdir(parents=True, exist_ok=True)
     PUBLISH_FIGURES.mkdir(parents=True, exist_ok=True)
+    if not (out / "tables.md").is_file():
+        raise SystemExit(f"nothing to publish: no finished runs under {out}")
+    where = out.relative_to(REPO) if out.is_relative_to(REPO) else out
     note = (
         "<!-- generated by `python benchmarks/calibration_hippocampus.py --report-only --publish` from the runs "
-        "under runs/calibration_hippocampus; do not edit -->\n\n"
+        f"under {where}; do not edit -->\n\n"
     )
+    for stale in PUBLISH_FIGURES.glob("*.png"):  # figures of methods no longer in the report
+        stale.unlink()
     (PUBLISH_DIR / "hippocampus_protocol2.md").write_text(note + (out / "tables.md").read_text())
     for name in ("results.csv", "results.json", "bootstrap.json", "bootstrap_pooled.json"):
         shutil.copyfile(out / name, PUBLISH_DIR / f"hippocampus_protocol2_{name}")
@@ -701,7 +776,9 @@ def publish(out: Path) -> None:
     print(f"published to {PUBLISH_DIR} and {PUBLISH_FIGURES}")
 
 
-def run_one(run: str, run_dir: Path, i: int, n: int, args: argparse.Namespace, datalist: Path | None) -> None:
+def run_one(
+    run: str, run_dir: Path, i: int, n: int, args: argparse.Namespace, datalist: Path | None, claim_fd: int | None
+) -> None:
     """Train (resuming) and evaluate one run."""
     if (run_dir / "result.json").is_file() and not args.reevaluate:
         return  # another worker finished it meanwhile
@@ -711,14 +788,15 @@ def run_one(run: str, run_dir: Path, i: int, n: int, args: argparse.Namespace, d
     if not trained.is_file():
         resumed = any((run_dir / "checkpoints").glob("train_checkpoint_*.pt"))
         start = time.time()
-        train(run_dir, method, seed, args, datalist)
+        train(run_dir, method, seed, args, datalist, claim_fd)
         info = {"train_minutes": (time.time() - start) / 60, "epochs": args.epochs, "threads": args.threads}
         info["resumed"] = resumed  # then train_minutes covers the last segment only
-        trained.write_text(json.dumps(info))
+        _write_atomic(trained, json.dumps(info))
     info = json.loads(trained.read_text())
     minutes = info["train_minutes"]
     result = {**evaluate(run_dir, args, datalist), **info}
-    (run_dir / "result.json").write_text(json.dumps(result, indent=1))
+    (run_dir / "failed.txt").unlink(missing_ok=True)
+    _write_atomic(run_dir / "result.json", json.dumps(result, indent=1))
     fg = result["T1"]
     print(
         f"  done in {minutes:.1f} min: DSC {fg['dice_mean'][0]:.3f}, ECE(fg) {fg['ece_fg'][0]:.4f} -> "

@@ -106,12 +106,21 @@ def _evidence_module():
 
 def test_claim_shares_one_queue_between_workers(tmp_path):
     claim = _evidence_module().claim
-    assert claim(tmp_path) and (tmp_path / "claim").read_text() == str(os.getpid())
-    assert not claim(tmp_path)  # held by a live process (this one)
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead.wait()
-    (tmp_path / "claim").write_text(str(dead.pid))  # its worker died: taken over
-    assert claim(tmp_path) and (tmp_path / "claim").read_text() == str(os.getpid())
+    fd = claim(tmp_path)
+    assert fd is not None and (tmp_path / "claim").read_text() == str(os.getpid())
+    assert claim(tmp_path) is None  # another worker (another open of the file) cannot take it
+    # the trainer inherits the claim: with the worker gone (its descriptor closed) the run stays taken
+    trainer = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], pass_fds=(fd,))
+    try:
+        os.close(fd)
+        assert claim(tmp_path) is None
+    finally:
+        trainer.kill()
+        trainer.wait()
+    # both gone (crashed or finished): free again, whatever the file still says
+    again = claim(tmp_path)
+    assert again is not None and (tmp_path / "claim").read_text() == str(os.getpid())
+    os.close(again)
 
 
 def test_adaptive_override_resolves_in_the_bundle_config(tmp_path):
@@ -136,28 +145,60 @@ def test_adaptive_override_resolves_in_the_bundle_config(tmp_path):
     assert parser.get_parsed_content("validate#adaptive_penalty#loss") is parser.get_parsed_content("loss")
 
 
-def test_pooled_comparison_averages_seeds_per_case(tmp_path):
-    """Two seeds: the per-case difference is averaged over seeds before the cases are resampled."""
+def test_pooled_comparison_pairs_seeds_and_cases(tmp_path):
+    """Two seeds: differences are paired by seed and case; the interval sees the seeds disagree."""
     module = _evidence_module()
     cases = {"nacl_mean": {1: [0.1, 0.2, 0.3], 2: [0.3, 0.2, 0.1]}, "ce": {1: [0.2, 0.3, 0.4], 2: [0.2, 0.1, 0.0]}}
     for method, by_seed in cases.items():
         for seed, values in by_seed.items():
             run = tmp_path / "runs" / f"{method}_s{seed}"
             run.mkdir(parents=True)
-            dice = [0.85 - 0.05 * (method == "ce")] * 3  # CE 0.05 below NACL on every case
+            dice = [0.85 - 0.05 * (method == "ce")] * 3  # CE 0.05 below NACL on every case, every seed
+            ids = ["a", "b", "c"]
+            if method == "ce" and seed == 2:  # stored in another order: paired by id, not position
+                ids, values, dice = ids[::-1], values[::-1], dice[::-1]
             per_case = {"T1": {"ece_fg": values, "dice_mean": dice}}
-            (run / "result.json").write_text(json.dumps({"per_case": per_case}))
+            (run / "result.json").write_text(json.dumps({"per_case": per_case, "cases": ids}))
     runs = ["nacl_mean_s1", "nacl_mean_s2", "ce_s1", "ce_s2", "ce_s3"]
     all_rows = module.pooled_against_nacl(tmp_path, runs)
     rows = {r["method"]: r for r in all_rows if r["metric"] == "ece_fg"}
-    # per case, seed means: ce [0.2, 0.2, 0.2], NACL [0.2, 0.2, 0.2] -> no difference at all
-    assert rows["ce"]["seeds"] == [1, 2] and rows["ce"]["diff"] == pytest.approx(0.0, abs=1e-12)
-    assert rows["ce"]["lo"] == pytest.approx(0.0, abs=1e-12) and rows["ce"]["hi"] == pytest.approx(0.0, abs=1e-12)
-    # the seed means differ (0.3 and 0.1): that spread is reported beside the interval
-    assert rows["ce"]["value"] == pytest.approx(0.2) and rows["ce"]["seed_std"] == pytest.approx(0.1414213, rel=1e-5)
+    # CE - NACL: seed 1 +0.1 on every case; seed 2 (reordered back to a, b, c: 0.4, 0.3, 0.2... minus NACL)
+    assert rows["ce"]["seeds"] == [1, 2] and rows["ce"]["n_cases"] == 3
+    assert rows["ce"]["seed_diffs"] == pytest.approx([0.1, -0.1])
+    assert rows["ce"]["diff"] == pytest.approx(0.0, abs=1e-12)
+    assert rows["ce"]["value"] - rows["ce"]["reference"] == pytest.approx(rows["ce"]["diff"])
+    # the seeds disagree by 0.2: a case-only bootstrap of the seed-averaged differences would give [0, 0]
+    assert rows["ce"]["lo"] == pytest.approx(-0.1) and rows["ce"]["hi"] == pytest.approx(0.1)
     assert rows["nacl_mean"]["value"] == pytest.approx(0.2) and rows["nacl_mean"]["diff"] == 0.0
     dice = next(r for r in all_rows if r["method"] == "ce" and r["metric"] == "dice_mean")
     assert dice["diff"] == pytest.approx(-0.05) and dice["hi"] == pytest.approx(-0.05)
     text = module.pooled_markdown(all_rows)
     # only the Dice difference, whose interval excludes 0, is bold
-    assert "| CE | 2 | 0.8000 (**-0.0500 [-0.0500, -0.0500]**) | 0.2000 (+0.0000 [+0.0000, +0.0000]) |" in text
+    assert "| CE | 2 | 0.8000 (**-0.0500 [-0.0500, -0.0500]**; seeds -0.0500..-0.0500) |" in text
+    assert "0.2000 (+0.0000 [-0.1000, +0.1000]; seeds -0.1000..+0.1000) |" in text
+
+
+def test_pooled_comparison_refuses_unpaired_cases_and_skips_non_finite(tmp_path):
+    module = _evidence_module()
+    for run, values in {"nacl_mean_s1": [0.1, 0.2, float("nan")], "ce_s1": [0.2, 0.4, 0.5]}.items():
+        (tmp_path / "runs" / run).mkdir(parents=True)
+        (tmp_path / "runs" / run / "result.json").write_text(json.dumps({"per_case": {"T1": {"nll_fg": values}}}))
+    row = next(r for r in module.pooled_against_nacl(tmp_path, ["nacl_mean_s1", "ce_s1"]) if r["method"] == "ce")
+    assert row["n_cases"] == 2 and row["diff"] == pytest.approx(0.15)  # the NaN case left out of both
+    (tmp_path / "runs" / "ce_s1" / "result.json").write_text(json.dumps({"per_case": {"T1": {"nll_fg": [0.2]}}}))
+    with pytest.raises(ValueError, match="cannot pair"):
+        module.pooled_against_nacl(tmp_path, ["nacl_mean_s1", "ce_s1"])
+    with pytest.raises(ValueError, match="same cases"):
+        module.paired_bootstrap([0.1, 0.2], [0.1, 0.2, 0.3])
+
+
+def test_seeds_and_cases_bootstrap_with_one_seed_is_the_case_bootstrap():
+    module = _evidence_module()
+    a, b = [0.5, 0.7, 0.9, 0.6, 0.8], [0.45, 0.72, 0.8, 0.5, 0.81]
+    diff = torch.tensor([a], dtype=torch.float64) - torch.tensor([b], dtype=torch.float64)
+    two_level = module.seeds_and_cases_bootstrap(diff, n=4000, seed=3)
+    case_only = module.paired_bootstrap(a, b, n=4000, seed=3)
+    assert two_level[0] == pytest.approx(case_only[0])
+    assert two_level[1] == pytest.approx(case_only[1], abs=0.01) and two_level[2] == pytest.approx(
+        case_only[2], abs=0.01
+    )

@@ -54,8 +54,8 @@ def test_adaptive_bins_are_drawn_over_the_confidences_they_hold(tmp_path, monkey
     # each bar covers its bin's mean confidence, bars tile [0, 1] in confidence order without overlap
     for (lo, hi), c in zip(spans, conf):
         assert lo - 1e-9 <= c <= hi + 1e-9
-    assert spans[0][0] == pytest.approx(0.0) and spans[-1][1] == pytest.approx(1.0)
-    assert all(a[1] == pytest.approx(b[0]) for a, b in zip(spans, spans[1:]))
+    assert 0.0 <= spans[0][0] and spans[-1][1] <= 1.0
+    assert all(a[1] == pytest.approx(b[0]) and a[1] > a[0] for a, b in zip(spans, spans[1:]))
     # most voxels are confident, so equal-mass bars are narrow near 1 (equal-width bars would all be 0.1 wide)
     assert spans[-1][1] - spans[-1][0] < 0.05
     title = drawn[0][0].get_title()
@@ -74,12 +74,27 @@ def test_equal_width_bins_keep_their_fixed_positions(tmp_path, monkeypatch):
         assert round(lo * 10, 6) == pytest.approx(round(lo * 10))  # on the grid k/10
 
 
-def test_adaptive_edges_with_empty_bins():
-    count = np.array([0.0, 2.0, 0.0, 3.0])
-    conf = np.array([0.0, 0.3, 0.0, 0.8])
+def test_adaptive_edges_give_every_non_empty_bin_a_width():
+    count = np.array([0.0, 2.0, 0.0, 3.0, 1.0])
+    conf = np.array([0.0, 0.3, 0.0, 0.8, 0.9])
     edges = _adaptive_edges(count, conf, count > 0)
-    assert edges[0] == 0.0 and edges[-1] == 1.0 and np.all(np.diff(edges) >= 0)
-    assert edges[1] <= 0.3 <= edges[2] and edges[3] <= 0.8 <= edges[4]
+    widths = np.diff(edges)
+    assert np.all(widths[count > 0] > 0) and np.all(widths[count == 0] == 0)
+    assert edges[1] <= 0.3 <= edges[2] and edges[3] <= 0.8 <= edges[4] and edges[4] <= 0.9 <= edges[5]
+    assert edges[2] == pytest.approx(0.55) and edges[4] == pytest.approx(0.85)  # midway between neighbours
+    assert 0.0 <= edges[0] and edges[-1] <= 1.0
+    # a single non-empty bin spans everything; nothing at all, or unordered means: the equal-width edges
+    assert _adaptive_edges(
+        np.array([0.0, 5.0, 0.0]), np.array([0.0, 0.6, 0.0]), np.array([0, 1, 0], bool)
+    ).tolist() == [
+        0.0,
+        0.0,
+        1.0,
+        1.0,
+    ]
+    uniform = np.linspace(0, 1, 4)
+    assert np.allclose(_adaptive_edges(np.zeros(3), np.zeros(3), np.zeros(3, bool)), uniform)
+    assert np.allclose(_adaptive_edges(np.ones(3), np.array([0.9, 0.5, 0.2]), np.ones(3, bool)), uniform)
 
 
 def test_reliability_grid_draws_one_panel_per_entry(tmp_path, monkeypatch):

@@ -141,6 +141,7 @@ class BinStatistics:
                 "sum_accuracy": p.ovr[0, 2].tolist(),
             },
             "voxels": p.scalars[0, 0].item(),
+            "binning": self.binning,
         }
 
 

@@ -13,17 +13,23 @@ __all__ = ["plot_reliability", "plot_reliability_grid"]
 
 
 def _adaptive_edges(count: np.ndarray, conf: np.ndarray, nonempty: np.ndarray) -> np.ndarray:
-    """Bar edges for equal-mass bins: midway between the mean confidences of neighbouring bins, so each bar spans
-    the confidences its bin holds (the first starts at 0, the last ends at 1)."""
+    """Bar edges for equal-mass bins (``nb + 1`` values). Between two neighbouring non-empty bins the edge lies
+    midway between their mean confidences; the outer edges lie half a step beyond the outer means (within
+    ``[0, 1]``; one non-empty bin spans ``[0, 1]``). Empty bins get zero width. Equal-mass bins are ordered by
+    confidence, so their means ascend; should they not, the equal-width edges are returned."""
     nb = count.size
-    centres = np.where(nonempty, conf, np.nan)
-    # empty bins (no voxels at all) take their neighbour's confidence, i.e. a zero-width bar
-    filled = np.maximum.accumulate(np.nan_to_num(centres, nan=-np.inf))
-    filled = np.where(np.isfinite(filled), filled, np.nanmin(centres) if nonempty.any() else 0.0)
-    edges = np.empty(nb + 1)
-    edges[0], edges[-1] = 0.0, 1.0
-    edges[1:-1] = (filled[:-1] + filled[1:]) / 2
-    return edges
+    means = conf[nonempty]
+    if means.size == 0 or np.any(np.diff(means) < 0):
+        return np.linspace(0.0, 1.0, nb + 1)
+    if means.size == 1:
+        bounds = np.array([0.0, 1.0])
+    else:
+        mids = (means[:-1] + means[1:]) / 2
+        first = max(0.0, means[0] - (mids[0] - means[0]))
+        last = min(1.0, means[-1] + (means[-1] - mids[-1]))
+        bounds = np.concatenate([[first], mids, [last]])
+    # bin i starts at the bound after the non-empty bins before it and ends one bound later if it is non-empty
+    return bounds[np.concatenate([[0], np.cumsum(nonempty)])]
 
 
 def _panel(ax_rel, ax_hist, count, conf_sum, acc_sum, title: str, equal_mass: bool = False) -> None:
