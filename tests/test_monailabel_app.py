@@ -4,6 +4,7 @@ and the real-server check (``tools/monailabel_server_check.py``) where a MONAI L
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import shutil
 import subprocess
@@ -102,3 +103,88 @@ def test_real_server_check():
     assert result.returncode == 0, out[-6000:]
     assert "FAIL" not in out and out.count("PASS (") >= 8, out[-6000:]
     print(out, file=sys.stderr)
+
+
+# Run in the MONAI Label environment: the app's infer task and MONAI Label's own BundleInferTask on one bundle copy
+# whose two weight files have the same mtime; prints, as JSON, which file's weights each request was served with.
+_SERVED_SCRIPT = r"""
+import json, os, sys
+from pathlib import Path
+
+import torch
+
+app, bundle = Path(sys.argv[1]), Path(sys.argv[2])
+sys.path.insert(0, str(app))
+import main  # noqa: E402
+from monailabel.tasks.infer.bundle import BundleInferTask  # noqa: E402
+
+models = bundle / "models"
+tasks = {
+    "app": main.NACLBundleInferTask(str(bundle), {}, load_strict=True),
+    "monailabel": BundleInferTask(str(bundle), {}, load_strict=True),
+}
+states = {}
+
+
+def load(name):
+    return torch.load(models / name, map_location="cpu", weights_only=True)
+
+
+def served(task, name):
+    net = task._get_network("cpu", {"model_filename": name}).state_dict()
+    same = [f for f, sd in states.items() if set(sd) == set(net) and all(torch.equal(sd[k], net[k]) for k in sd)]
+    return same[0] if len(same) == 1 else f"{len(same)} files"
+
+
+# (a) two files, different weights, one mtime (as extracted from a zip: whole even seconds)
+t = (models / "model.pt").stat().st_mtime_ns // 2_000_000_000 * 2_000_000_000
+for f in ("model.pt", "model_dice_ce.pt"):
+    os.utime(models / f, ns=(t, t))
+    states[f] = load(f)
+out = {k: [served(task, f) for f in ("model.pt", "model_dice_ce.pt", "model.pt")] for k, task in tasks.items()}
+
+# (b) model.pt rewritten in place (same inode) with other temperatures (same size), its mtime set back
+new = load("model.pt")
+new["temperature"] = new["temperature"] * 1.25
+(bundle.parent / "rewrite").mkdir()
+torch.save(new, bundle.parent / "rewrite" / "model.pt")  # same name: same zip record names, so same size
+size, ino = (models / "model.pt").stat().st_size, (models / "model.pt").stat().st_ino
+with open(models / "model.pt", "r+b") as fh:
+    fh.write((bundle.parent / "rewrite" / "model.pt").read_bytes())
+    fh.truncate()
+os.utime(models / "model.pt", ns=(t, t))
+st = (models / "model.pt").stat()
+states["model.pt (rewritten)"] = new
+for k, task in tasks.items():
+    out[k].append(served(task, "model.pt"))
+out["same_size_inode_mtime"] = [st.st_size == size, st.st_ino == ino, st.st_mtime_ns == t]
+print("SERVED " + json.dumps(out))
+"""
+
+
+@pytest.mark.monailabel
+def test_infer_task_serves_the_requested_weights_file(tmp_path):
+    """Files of one mtime (zip extraction, ``cp -p``) and a file rewritten with its mtime kept: the app's infer task
+    serves each request the weights of the file it names; MONAI Label's own task (cache keyed by mtime only) does
+    not, which shows the scenario is the one that needs the fix."""
+    venv = _monailabel_venv()
+    if venv is None:
+        pytest.skip(
+            "no MONAI Label environment: set MONAI_LABEL_VENV to one built as in docs/monai_label.md "
+            "(default /work/mlvenv)"
+        )
+    bundle = tmp_path / HIPPO
+    shutil.copytree(BUNDLES / HIPPO / "configs", bundle / "configs")
+    (bundle / "models").mkdir()
+    for name in ("model.pt", "model_dice_ce.pt"):
+        shutil.copyfile(BUNDLES / HIPPO / "models" / name, bundle / "models" / name)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT)] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
+    cmd = [str(venv / "bin" / "python"), "-c", _SERVED_SCRIPT, str(APP), str(bundle)]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path, env=env)
+    out = result.stdout + result.stderr
+    assert result.returncode == 0, out[-6000:]
+    served = json.loads(next(line for line in result.stdout.splitlines() if line.startswith("SERVED "))[7:])
+    assert served["same_size_inode_mtime"] == [True, True, True], served
+    assert served["app"] == ["model.pt", "model_dice_ce.pt", "model.pt", "model.pt (rewritten)"], served
+    # MONAI Label alone: model.pt's network for model_dice_ce.pt, and the old weights after the rewrite
+    assert served["monailabel"] == ["model.pt", "model.pt", "model.pt", "model.pt"], served

@@ -22,6 +22,7 @@ See docs/monai_label.md.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -90,6 +91,31 @@ class NACLBundleInferTask(BundleInferTask):
             if self.bundle_config["weights_file"] != target:
                 self.bundle_config["weights_file"] = target
         return super().pre_transforms(data)
+
+    def _get_network(self, device, data):
+        """MONAI Label caches one network per device and reuses it while the weights file's ``st_mtime`` is
+        unchanged, whichever file the request names: of two files with equal times (a zip/tar extraction, ``cp -p``,
+        ``os.utime``) the second is answered with the first's network, and a file replaced by one with the same time
+        keeps serving the old weights. So the cache is keyed here by the file this request loads (super's choice:
+        ``model_filename`` beside the bundle's weights if it exists, else the default) and its identity (device,
+        inode, size, mtime and ctime in ns: a rewrite in place changes ctime, which cannot be set back); when the
+        key differs from the cached network's, that network is dropped and super loads the file again."""
+        path = self.get_path()
+        name = (data or {}).get("model_filename") if self._config.get("model_filename") else None
+        name = name[0] if isinstance(name, (list, tuple)) and name else name
+        if isinstance(name, str) and os.path.exists(os.path.join(os.path.dirname(self.path[0]), name)):
+            path = os.path.join(os.path.dirname(self.path[0]), name)
+        key = None
+        if path:
+            st = os.stat(path)
+            key = (os.path.realpath(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        keys = self.__dict__.setdefault("_network_keys", {})  # lazily: preload calls this from __init__
+        if device in self._networks and keys.get(device) != key:
+            logger.warning("Reload model for %s: %s (cached: %s)", device, key, keys.get(device))
+            del self._networks[device]
+        network = super()._get_network(device, data)
+        keys[device] = key
+        return network
 
 
 class NACLBundleApp(MONAILabelApp):
