@@ -30,6 +30,7 @@ REQUIRED_FILES = (
     "configs/inference.json",
     "configs/multi_gpu_train.json",
     "configs/multi_gpu_evaluate.json",
+    "configs/multi_gpu_calibrate.json",
     "configs/logging.conf",
     "docs/README.md",
 )

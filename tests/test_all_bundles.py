@@ -5,15 +5,18 @@ the data it runs on: generated phantoms, the real Hippocampus cases, or fixtures
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from conftest import HIPPOCAMPUS, bundle_workflow, torchrun_bundle
 
 from monai_nacl.bundle_check import all_bundles, check_bundle
+from monai_nacl.conformal import check_conformal_record, read_conformal_record
 from monai_nacl.data import build_datalist, load_datalist, phantom_datalist, write_fixture
-from monai_nacl.temperature import check_calibration_record
+from monai_nacl.temperature import check_calibration_record, read_calibration_record
 
 # bundle workflows, the zoo's export and torchrun: minutes in all; `pytest -m "not slow"` skips them
 pytestmark = pytest.mark.slow
@@ -116,3 +119,33 @@ def test_multi_gpu_training_with_torchrun_on_cpu(name, tmp_path):
     assert check_calibration_record(tmp_path / "models" / "model.pt") == []
     assert not list((tmp_path / "checkpoints").glob("*.pt"))
     assert "val_ece" in result.stdout + result.stderr
+
+
+def test_multi_gpu_calibrate_with_torchrun_on_cpu(tmp_path):
+    """calibrate.json with multi_gpu_calibrate.json on two processes refits the temperatures of a copy of the shipped
+    phantom model on all the validation cases, then fits the conformal record after them (rank 0 writes both)."""
+    models = tmp_path / "models"
+    models.mkdir()
+    for name in ("model.pt", "model.calibration.json", "model.conformal.json"):
+        shutil.copy2(BUNDLES[PHANTOM] / "models" / name, models / name)
+    shipped = read_conformal_record(models / "model.pt")
+    overrides = {
+        "ckpt_dir": str(models),
+        "output_dir": str(tmp_path / "eval"),
+        "resume_dir": str(tmp_path / "checkpoints"),
+        "dataset_dir": str(tmp_path / "data"),
+        "num_train": 1,
+        "num_val": 5,  # DistributedSampler(even_divisible=False): 3 cases on rank 0, 2 on rank 1
+        "num_test": 1,
+    }
+    configs = ["train.json", "calibrate.json", "multi_gpu_calibrate.json"]
+    torchrun_bundle(BUNDLES[PHANTOM], configs, overrides)
+    model = models / "model.pt"
+    assert check_calibration_record(model) == []
+    assert check_conformal_record(model) == []  # fitted after the new temperatures, for these weights
+    record, calibration = read_conformal_record(model), read_calibration_record(model)
+    assert record["cases"] == 5 and record["cases"] != shipped["cases"]  # both ranks' cases, a fresh record
+    assert calibration["fitted_by"] == "TemperatureFitHandler" and calibration["volumes"] == 5
+    temperature = torch.load(model, weights_only=True)["temperature"]
+    assert record["temperature"] == pytest.approx(temperature.tolist())
+    assert record["temperature"] == pytest.approx(calibration["temperature"])

@@ -91,3 +91,17 @@ def test_every_import_of_a_config_is_used_and_every_module_used_is_imported():
             for module in optional:
                 if f"${module}." in text or f" {module}." in text or f"({module}." in text:
                     assert module in imported, f"{path}: uses {module} without importing it"
+
+
+def test_multi_gpu_calibrate_runs_both_passes_of_calibrate_on_the_setup_of_multi_gpu_evaluate():
+    def load(name: str) -> dict:
+        return json.loads((make_bundles.BASE / name).read_text())
+
+    ddp, evaluate, calibrate = load("multi_gpu_calibrate.json"), load("multi_gpu_evaluate.json"), load("calibrate.json")
+    for key in ("device", "network", "validate#sampler", "validate#dataloader#sampler", "finalize"):
+        assert ddp[key] == evaluate[key], key
+    assert ddp["initialize"][: len(evaluate["initialize"])] == evaluate["initialize"]
+    assert set(calibrate["initialize"]) <= set(ddp["initialize"])  # calibrate's own steps are kept
+    # the temperature pass, then the conformal pass, whose evaluator reads the sampled validation loader
+    assert ddp["run"] == calibrate["run"] == ["$@validate#evaluator.run()", "$@conformal#evaluator.run()"]
+    assert calibrate["conformal"]["evaluator"]["val_data_loader"] == "@validate#dataloader"

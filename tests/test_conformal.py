@@ -620,6 +620,124 @@ def test_conformal_fit_handler_bad_arguments():
             ConformalFitHandler(net, C, methods=methods)
 
 
+# -- distributed: every rank's cases gathered, the fit of one process --------------------------------------------
+DDP_ALPHAS = [0.4, 0.2]  # both finite-sample quantiles exist with 5 cases
+
+
+def _ddp_data():
+    """5 cases: probabilities, labels, logits (for the temperature), as plain tensors (pickled to the workers)."""
+    probs, labels = _dirichlet_cases(5, seed=21)
+    logits = torch.randn(5, C, *SHAPE, generator=torch.Generator().manual_seed(22)) * 2
+    logits[:, 0] += 5  # a sparse predicted foreground: voxels near it and away from it, one temperature each
+    return probs, labels, logits
+
+
+def _case(prob: torch.Tensor):
+    from monai.data import MetaTensor
+
+    return MetaTensor(prob, affine=torch.diag(torch.tensor([*SPACING, 1.0], dtype=torch.float64)))
+
+
+def _fit_cases(weights, indices, probs, labels, logits):
+    """Run TemperatureFitHandler and ConformalFitHandler (all three methods) over ``indices``, one case per
+    iteration as a decollating evaluator gives them; return both handlers."""
+    from ignite.engine import Engine
+
+    from monai_nacl.handlers import TemperatureFitHandler
+    from monai_nacl.handlers.conformal import ConformalFitHandler
+
+    methods = ["risk_control", "volume_intervals", "prediction_sets"]
+    net = _tiny_network()
+    conformal = ConformalFitHandler(net, C, alphas=DDP_ALPHAS, methods=methods, save_path=weights, bins=200)
+    engine = Engine(lambda e, batch: batch)
+    conformal.attach(engine)
+    engine.run([([_case(probs[i])], [labels[i]]) for i in indices])
+    temperature = TemperatureFitHandler(net, C, voxels_per_volume=10**6)  # no sampling: all voxels
+    engine = Engine(lambda e, batch: batch)
+    temperature.attach(engine)
+    engine.run([([logits[i]], [labels[i]]) for i in indices])
+    return conformal, temperature
+
+
+def _ddp_fit_worker(rank, port, weights, data, out):
+    import torch.distributed as dist
+    from ignite.engine import Engine
+
+    from monai_nacl.handlers.conformal import ConformalFitHandler
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    probs, labels, logits = data
+    # as DistributedSampler(even_divisible=False, shuffle=False) splits 5 cases: 0, 2, 4 and 1, 3
+    conformal, temperature = _fit_cases(weights, range(rank, 5, 2), probs, labels, logits)
+    out[rank] = {
+        "cases": conformal.num_cases,
+        "fits": [f.to_json() for f in conformal.fitted],
+        "temperature": temperature.fitted.tolist(),
+        "volumes": temperature.fitter.num_volumes,
+    }
+    # a rank without any case still takes part; its estimator holds the other rank's cases afterwards
+    vol = ConformalVolumeIntervals(C)
+    if rank == 0:
+        vol.update(probs, labels, spacing=SPACING)
+    vol.all_gather()
+    out[f"vol{rank}"] = vol.fit(0.2).tolist()
+    # ranks holding different temperatures are refused on every rank (none waits for the other)
+    net = _tiny_network()
+    if rank == 1:
+        net.set_temperature(torch.tensor([1.0, 1.0]))
+    handler = ConformalFitHandler(net, C, alphas=[0.2])
+    engine = Engine(lambda e, batch: batch)
+    handler.attach(engine)
+    try:
+        engine.run([([_case(probs[rank])], [labels[rank]])])
+        out[f"refused{rank}"] = ""
+    except ValueError as e:
+        out[f"refused{rank}"] = str(e)
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow  # two processes (about 20 s on two busy cores)
+def test_distributed_fit_equals_the_fit_of_one_process(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    from monai_nacl.conformal import check_conformal_record, read_conformal_record
+    from monai_nacl.temperature import save_calibrated
+
+    data = _ddp_data()
+    for folder in ("single", "ddp", "rank0"):
+        save_calibrated(_tiny_network().state_dict(), tmp_path / folder / "model.pt")
+    single, single_t = _fit_cases(tmp_path / "single" / "model.pt", range(5), *data)
+    alone, _ = _fit_cases(tmp_path / "rank0" / "model.pt", [0, 2, 4], *data)  # what rank 0 fitted before
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = mp.Manager().dict()
+    mp.spawn(_ddp_fit_worker, args=(port, tmp_path / "ddp" / "model.pt", data, out), nprocs=2, join=True)
+
+    expected = [f.to_json() for f in single.fitted]
+    assert len(expected) == 6 and expected != [f.to_json() for f in alone.fitted]
+    for rank in range(2):  # every rank fitted on all 5 cases, exactly what one process fits
+        assert out[rank]["cases"] == 5 and out[rank]["fits"] == expected
+        assert out[rank]["volumes"] == 5
+        assert out[rank]["temperature"] == pytest.approx(single_t.fitted.tolist(), rel=1e-5)
+        assert out[f"vol{rank}"] == out["vol0"]
+        assert "ranks hold different temperatures" in out[f"refused{rank}"]
+    assert out[0]["temperature"] == out[1]["temperature"]  # the same temperature on every rank, bit for bit
+    # rank 0 wrote the record, the one the single process wrote but for the time it was written
+    ddp, one = (
+        read_conformal_record(tmp_path / "ddp" / "model.pt"),
+        read_conformal_record(tmp_path / "single" / "model.pt"),
+    )
+    assert ddp.pop("written") and one.pop("written")
+    assert ddp == one and ddp["cases"] == 5
+    assert check_conformal_record(tmp_path / "ddp" / "model.pt") == []
+    single_vol = ConformalVolumeIntervals(C)
+    single_vol.update(data[0], data[1], spacing=SPACING)
+    assert out["vol0"] == single_vol.fit(0.2).tolist()
+
+
 def test_conformal_transforms(tmp_path):
     import csv
 

@@ -27,6 +27,7 @@ from collections.abc import Sequence
 
 import torch
 
+from monai_nacl.distributed import all_gather_rows, all_reduce_sum, world_size
 from monai_nacl.input_checks import (
     as_tensor,
     check_integer,
@@ -150,7 +151,10 @@ def case_conformal_quantile(case_scores: Sequence[torch.Tensor], alpha: float) -
     target -= 1e-9 * target  # (19 + 1) * 0.9 must reach 18, not miss it through rounding
     if target > n:
         return math.inf
-    order = torch.argsort(scores, stable=True)
+    # by score, ties by weight: the summed sequence depends on the cases, not on their order (ranks gather them in
+    # another order than one process sees them), so the result is the same to the last bit
+    by_weight = torch.argsort(w, stable=True)
+    order = by_weight[torch.argsort(scores[by_weight], stable=True)]
     cum = w[order].cumsum(0)
     j = int(torch.searchsorted(cum, torch.tensor([target], dtype=cum.dtype)))
     return float(scores[order[min(j, scores.numel() - 1)]])
@@ -477,6 +481,34 @@ class ConformalPredictionSets(_Conformal):
         """The stored calibration scores of all cases, concatenated (1-D ``float64``)."""
         return torch.cat(self._scores) if self._scores else torch.zeros(0, dtype=torch.float64)
 
+    def all_gather(self) -> None:
+        """Replace this process's calibration cases by those of every process (``torch.distributed``), in rank
+        order, so that :meth:`fit` on any rank fits on all of them; a no-op on one process. Every process must call
+        it (a collective), also one that saw no case.
+
+        The per-case scores are gathered unchanged, so without sampling (cases with at most ``voxels_per_volume``
+        labelled voxels, ``max_scores`` not reached) the fit equals that of one process seeing all the cases (the
+        fit does not depend on their order). With sampling, each rank drew its cases' samples with its own
+        generator: another uniform sample than one process would draw, with the same guarantee. Beyond
+        ``max_scores`` in all, the cases are thinned as in :meth:`update` with a generator seeded by ``seed``, the
+        same on every rank.
+        """
+        if world_size() < 2:
+            return
+        lengths = torch.tensor([s.numel() for s in self._scores], dtype=torch.int64)
+        counts = torch.cat(all_gather_rows(lengths))
+        scores = torch.cat(all_gather_rows(self.calibration_scores()))
+        self._scores = list(torch.split(scores, counts.tolist()))
+        total = int(counts.sum())
+        if total > self.max_scores:
+            generator = torch.Generator().manual_seed(self.seed)
+            ratio = self.max_scores / total
+            thinned = []
+            for s in self._scores:
+                k = max(1, int(s.numel() * ratio))
+                thinned.append(s[torch.randperm(s.numel(), generator=generator)[:k]] if k < s.numel() else s)
+            self._scores = thinned
+
     def fit(self, alpha: float) -> float:
         """Fit the threshold for miscoverage ``alpha`` (:func:`case_conformal_quantile` of the per-case scores).
 
@@ -616,6 +648,18 @@ class ConformalRiskControl(_Conformal):
             self._fnr_sum[present] += (fn / denom)[present]
             self._fpv_sum[present] += (fp / denom).clamp(max=1.0)[present]
             self._cases += present.long()
+
+    def all_gather(self) -> None:
+        """Sum the loss curves and case counts of every process (``torch.distributed``) into each, so that
+        :meth:`fit` on any rank fits on all the cases; a no-op on one process. Every process must call it (a
+        collective), also one that saw no case.
+
+        The sums of all the cases are those one process would accumulate, up to floating-point rounding (about
+        1e-16 relative), far inside the ``1e-9`` of the admissibility test: the thresholds are the same.
+        """
+        self._fnr_sum = all_reduce_sum(self._fnr_sum)
+        self._fpv_sum = all_reduce_sum(self._fpv_sum)
+        self._cases = all_reduce_sum(self._cases)
 
     def fit(self, alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
         """Choose ``t_in`` and ``t_out`` per class for risk level ``alpha``.
@@ -768,6 +812,16 @@ class ConformalVolumeIntervals(_Conformal):
             onehot &= valid
         true = onehot.flatten(2).sum(2).double().cpu() * v[:, None]
         self._scores.append((true - expected).abs() / scale)
+
+    def all_gather(self) -> None:
+        """Replace this process's calibration scores by those of every process (``torch.distributed``), in rank
+        order, so that :meth:`fit` on any rank fits on all the cases (the quantile does not depend on their order);
+        a no-op on one process. Every process must call it (a collective), also one that saw no case.
+        """
+        if world_size() < 2:
+            return
+        mine = torch.cat(self._scores) if self._scores else torch.zeros(0, self.num_classes, dtype=torch.float64)
+        self._scores = [s for s in all_gather_rows(mine.to(torch.float64)) if s.shape[0]]
 
     def fit(self, alpha: float) -> torch.Tensor:
         """Fit the per-class quantile of the normalised residuals.

@@ -132,6 +132,9 @@ class TemperatureFitHandler:
 
     Attach to an evaluator that runs the network on the validation split. The evaluator's output must
     carry the raw network output (logits, before softmax), e.g. copied to ``"logits"`` by a post transform.
+    Distributed (every rank runs the evaluator on its share of the cases, as with a ``DistributedSampler``): the
+    voxel samples of all ranks are gathered at the end of the pass (:meth:`TemperatureFitter.all_gather`), so every
+    rank fits and sets the same temperature, on all the cases; rank 0 writes. Attach it on every rank.
 
     Args:
         network: the wrapped network (its current ``T`` is taken into account).
@@ -163,6 +166,7 @@ class TemperatureFitHandler:
         self.fitter.update_batch(*self.output_transform(engine.state.output))
 
     def _fit(self, engine: Engine) -> None:
+        self.fitter.all_gather()  # the cases of every rank (a no-op on one process)
         correction = self.fitter.fit()
         before, after = self.fitter.score(), self.fitter.score(correction)
         total = compose_temperature(self.network.temperature, correction)

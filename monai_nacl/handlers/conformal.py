@@ -22,6 +22,7 @@ from monai_nacl.conformal.methods import (
     _Conformal,
 )
 from monai_nacl.conformal.record import CONFORMAL_KINDS, save_conformal
+from monai_nacl.distributed import all_gather_rows, all_reduce_sum, world_size
 from monai_nacl.temperature.scaling import weights_fingerprint
 
 __all__ = ["ConformalFitHandler", "case_spacing"]
@@ -58,6 +59,12 @@ class ConformalFitHandler:
     written with the fingerprint and temperature of ``network``. The calibration state is bounded: loss curves for
     risk control, ``C`` numbers per case for volume intervals (and a voxel sample per case for prediction sets).
 
+    Distributed (``torch.distributed``, every rank running the evaluator on its share of the cases, as with a
+    ``DistributedSampler``, shares of any size): attach it on every rank. At ``COMPLETED`` the calibration state of
+    all ranks is gathered (each method's ``all_gather``), every rank fits on all the cases, and rank 0 writes the
+    record: the fit one process would make on the same cases (it does not depend on their order; prediction sets
+    that sample voxels draw another uniform sample). The ranks must hold the same temperature.
+
     Args:
         network: the network whose probabilities are seen (its weights fingerprint and ``temperature`` go into the
             record; the temperature must not change during the pass).
@@ -79,8 +86,9 @@ class ConformalFitHandler:
         provenance: JSON-serialisable facts added to the record (e.g. ``data="validation split"``).
 
     Raises:
-        ValueError: bad ``alphas`` or ``methods``; at ``COMPLETED``, no case seen or a temperature that changed
-            during the pass (fitting on probabilities of another temperature would make a stale record).
+        ValueError: bad ``alphas`` or ``methods``; at ``COMPLETED``, no case seen (on any rank), a temperature that
+            changed during the pass (fitting on probabilities of another temperature would make a stale record), or
+            ranks holding different temperatures.
 
     Example:
         >>> fit = ConformalFitHandler(network, 3, alphas=[0.1, 0.05], save_path="models/model.pt",
@@ -137,13 +145,8 @@ class ConformalFitHandler:
         self._temperature: torch.Tensor | None = None
 
     def attach(self, engine: Engine) -> None:
-        """Reset at each run's start, add cases at each iteration, fit and write at ``COMPLETED``.
-
-        Raises:
-            ValueError: a distributed run (fit on one process).
-        """
-        if idist.get_world_size() > 1:
-            raise ValueError("ConformalFitHandler fits on one process; run the calibration evaluator without DDP.")
+        """Reset at each run's start, add cases at each iteration, gather (distributed), fit and write at
+        ``COMPLETED``."""
         engine.add_event_handler(Events.STARTED, self._start)
         engine.add_event_handler(Events.ITERATION_COMPLETED, self._collect)
         engine.add_event_handler(Events.COMPLETED, self._fit)
@@ -184,16 +187,35 @@ class ConformalFitHandler:
                     estimator.update(p, y)
             self.num_cases += 1
 
+    def _gather(self, now: torch.Tensor | None) -> list[torch.Tensor]:
+        """Distributed: every rank's cases into each estimator, the case count summed; the temperature of each
+        rank (empty: none). Collectives only, in the same order on every rank, before any check that may raise."""
+        self.num_cases = int(all_reduce_sum(torch.tensor([self.num_cases], dtype=torch.int64)))
+        temperatures = all_gather_rows(torch.zeros(0, dtype=torch.float64) if now is None else now)
+        if self.num_cases:
+            for estimator in self.estimators.values():
+                estimator.all_gather()
+        return temperatures
+
     def _fit(self, engine: Engine) -> None:
-        if self.num_cases == 0:
-            raise ValueError("ConformalFitHandler saw no case: the evaluator's data loader is empty.")
         now = self._current_temperature()
+        ranks = world_size()
+        temperatures = self._gather(now) if ranks > 1 else []
+        if self.num_cases == 0:
+            where = f" on any of the {ranks} processes" if ranks > 1 else ""
+            raise ValueError(f"ConformalFitHandler saw no case{where}: the evaluator's data loader is empty.")
         before = self._temperature
         changed = (now is None) != (before is None) or (now is not None and not torch.equal(now, before))
         if changed:
             raise ValueError(
                 f"the network's temperature changed during the conformal pass ({before} -> {now}): its probabilities "
                 "mix temperatures. Run the conformal evaluator after the temperature is fitted (a separate run)."
+            )
+        if any(t.shape != temperatures[0].shape or not torch.equal(t, temperatures[0]) for t in temperatures):
+            raise ValueError(
+                f"the ranks hold different temperatures ({[t.tolist() for t in temperatures]}): their probabilities "
+                "cannot be pooled. Fit the temperature on all ranks together (TemperatureFitHandler gathers them) "
+                "or load the same calibrated weights on every rank."
             )
         fitted = []
         for alpha in self.alphas:

@@ -28,6 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from monai_nacl.distributed import all_gather_rows, all_reduce_sum, world_size
 from monai_nacl.input_checks import as_tensor, labels_from_target
 from monai_nacl.metrics.calibration import CalibrationMetric
 
@@ -303,6 +304,7 @@ class TemperatureFitter:
             ignore_index,
             int(max_voxels),
         )
+        self.seed = int(seed)
         self.generator = torch.Generator().manual_seed(seed)
         self.reset()
 
@@ -368,6 +370,29 @@ class TemperatureFitter:
             keep = torch.randperm(z.shape[0], generator=self.generator)[: self.max_voxels]
             self._logits, self._labels, self._regions = [z[keep]], [y[keep]], [r[keep]]
             self._count = self.max_voxels
+
+    def all_gather(self) -> None:
+        """Replace this process's voxel sample by the samples of every process (``torch.distributed``), in rank
+        order, so that :meth:`fit` on any rank fits on the voxels of all the volumes, and every rank fits the same
+        temperature; a no-op on one process. Every process must call it (a collective), also one that saw no volume.
+
+        Each rank sampled its volumes with its own generator: another uniform sample than one process would draw.
+        Beyond ``max_voxels`` in all, the sample is thinned with a generator seeded by ``seed``, the same on every
+        rank.
+        """
+        if world_size() < 2:
+            return
+        C = self.num_classes
+        z = torch.cat(self._logits) if self._logits else torch.zeros(0, C, dtype=torch.float32)
+        y = torch.cat(self._labels) if self._labels else torch.zeros(0, dtype=torch.int64)
+        r = torch.cat(self._regions) if self._regions else torch.zeros(0, dtype=torch.bool)
+        z, y, r = (torch.cat(all_gather_rows(t)) for t in (z.float(), y.long(), r.bool()))
+        self.num_volumes = int(all_reduce_sum(torch.tensor([self.num_volumes], dtype=torch.int64)))
+        if z.shape[0] > self.max_voxels:
+            keep = torch.randperm(z.shape[0], generator=torch.Generator().manual_seed(self.seed))[: self.max_voxels]
+            z, y, r = z[keep], y[keep], r[keep]
+        self._logits, self._labels, self._regions = [z], [y], [r]
+        self._count = z.shape[0]
 
     def update_batch(self, logits, target) -> None:
         """:meth:`update` with a batch, or with the decollated lists of an ignite/MONAI engine's output."""

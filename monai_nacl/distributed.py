@@ -1,0 +1,48 @@
+"""The ``torch.distributed`` steps the fitters need to see every rank's cases: the process count, a ragged all-gather
+of rows and a sum.
+
+Each is a no-op (its input returned) without an initialised process group of more than one process. Tensors travel
+on :func:`monai.utils.get_dist_device` (the process's GPU under NCCL, the CPU under gloo) and come back on the CPU.
+Every process must make the same calls in the same order, whatever it holds (a process with no case gathers an empty
+tensor), or the others wait for it forever.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from monai.utils import evenly_divisible_all_gather, get_dist_device
+
+__all__ = ["world_size", "all_gather_rows", "all_reduce_sum"]
+
+
+def world_size() -> int:
+    """The number of processes of the default ``torch.distributed`` group (1 without one)."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def all_gather_rows(rows: torch.Tensor) -> list[torch.Tensor]:
+    """The rows of ``rows`` of every process, one CPU tensor per rank in rank order (``[rows]`` on one process).
+
+    Args:
+        rows: ``N,*`` with ``N`` free to differ across processes (0 too) and ``*``, the dtype the same on all.
+            ``bool`` is sent as ``uint8`` (NCCL has no bool).
+
+    Returns:
+        ``world_size()`` tensors, the ``r``-th holding rank ``r``'s rows.
+    """
+    if world_size() < 2:
+        return [rows.cpu()]
+    is_bool = rows.dtype == torch.bool
+    data = rows.to(torch.uint8) if is_bool else rows
+    parts = evenly_divisible_all_gather(data.to(get_dist_device()), concat=False)
+    return [p.cpu().bool() if is_bool else p.cpu() for p in parts]
+
+
+def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
+    """``value`` summed over the processes (same shape and dtype on all), as a new CPU tensor."""
+    if world_size() < 2:
+        return value.cpu().clone()
+    total = value.detach().to(get_dist_device()).clone()
+    dist.all_reduce(total)
+    return total.cpu()
