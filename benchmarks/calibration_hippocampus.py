@@ -583,7 +583,7 @@ def markdown(rows: list[dict]) -> str:
     name = {run: f"{METHODS[parse_run(run)[0]][0]}, seed {parse_run(run)[1]}" for run in runs}
     lines = ["### Test split at T = 1 (mean ± std over the 40 test volumes)", ""]
     cols = ("dice_anterior", "dice_posterior", "hd95", "ece_fg", "ece_all", "cece_fg", "ace_fg", "mce_fg")
-    cols += ("nll_fg", "brier_fg")
+    cols += ("nll_fg", "brier_fg", "aece_fg", "ace_monai", "mce_monai")
     lines += ["| run | " + " | ".join(cols) + " | train min |", "| --- |" + " ---: |" * (len(cols) + 1)]
     for run in runs:
         r = by[(run, "T1")]
@@ -608,7 +608,8 @@ def markdown(rows: list[dict]) -> str:
     multi = {k: v for k, v in groups.items() if len(v) > 1}
     if multi:
         lines += ["", "### Seeds: mean ± std over seeds of each run's test mean", ""]
-        cols = ("dice_mean", "hd95", "ece_fg", "ece_all", "cece_fg", "nll_fg", "brier_fg")
+        cols = ("dice_mean", "hd95", "ece_fg", "ece_all", "cece_fg", "nll_fg", "brier_fg", "aece_fg", "ace_monai")
+        cols += ("mce_monai",)
         lines += ["| method (seeds) | T | " + " | ".join(cols) + " |", "| --- | --- |" + " ---: |" * len(cols)]
         for (method, scaling), group in sorted(multi.items()):
             cells = [
