@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 from monai.utils import evenly_divisible_all_gather, get_dist_device
 
-__all__ = ["world_size", "all_gather_rows", "all_reduce_sum"]
+__all__ = ["world_size", "all_gather_rows", "all_reduce_sum", "broadcast_from_rank0"]
 
 
 def world_size() -> int:
@@ -46,3 +46,13 @@ def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
     total = value.detach().to(get_dist_device()).clone()
     dist.all_reduce(total)
     return total.cpu()
+
+
+def broadcast_from_rank0(value: torch.Tensor) -> torch.Tensor:
+    """Rank 0's ``value`` on every process (same shape and dtype on all), as a new CPU tensor: where every rank
+    computed the same quantity, this makes it identical to the last bit whatever each rank's floating point did."""
+    if world_size() < 2:
+        return value.cpu().clone()
+    shared = value.detach().to(get_dist_device()).clone()
+    dist.broadcast(shared, src=0)
+    return shared.cpu()

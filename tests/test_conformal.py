@@ -675,6 +675,10 @@ def _ddp_fit_worker(rank, port, weights, data, out):
         "temperature": temperature.fitted.tolist(),
         "volumes": temperature.fitter.num_volumes,
     }
+    # rank 0's value wins on every rank (the fitted temperature correction is shared this way)
+    from monai_nacl.distributed import broadcast_from_rank0
+
+    out[f"broadcast{rank}"] = broadcast_from_rank0(torch.tensor([0.5 + rank], dtype=torch.float64)).tolist()
     # a rank without any case still takes part; its estimator holds the other rank's cases afterwards
     vol = ConformalVolumeIntervals(C)
     if rank == 0:
@@ -718,6 +722,7 @@ def test_distributed_fit_equals_the_fit_of_one_process(tmp_path):
 
     expected = [f.to_json() for f in single.fitted]
     assert len(expected) == 6 and expected != [f.to_json() for f in alone.fitted]
+    assert out["broadcast0"] == out["broadcast1"] == [0.5]
     for rank in range(2):  # every rank fitted on all 5 cases, exactly what one process fits
         assert out[rank]["cases"] == 5 and out[rank]["fits"] == expected
         assert out[rank]["volumes"] == 5

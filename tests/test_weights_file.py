@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -116,4 +117,43 @@ def test_calibrate_rewrites_the_weights_file_and_records_it_beside_that_file(tmp
     assert check_conformal_record(other) == []
     assert read_conformal_record(other)["fitted_by"] == "ConformalFitHandler"
     # <ckpt_dir>/model.pt and its records are untouched
+    assert _digests(models) == before
+
+
+def _messages(error: BaseException) -> str:
+    """The error and every error it was raised from (MONAI wraps a failing config expression in a RuntimeError)."""
+    parts = []
+    while error is not None:
+        parts.append(f"{type(error).__name__}: {error}")
+        error = error.__cause__ or error.__context__
+    return "\n".join(parts)
+
+
+@pytest.mark.parametrize("config", ["evaluate.json", "calibrate.json"])
+def test_unreadable_weights_file_is_named_before_any_data_is_loaded(tmp_path, config):
+    models = _models(tmp_path)
+    before = _digests(models)
+    cases = {"empty.pt": b"", "notes.pt": b"not a checkpoint\n", "missing.pt": None}
+    for bad, content in cases.items():
+        if content is not None:
+            (tmp_path / bad).write_bytes(content)
+        with pytest.raises(Exception) as info:
+            bundle_workflow(
+                PHANTOM, ["train.json", config], "train", weights_file=str(tmp_path / bad), **_tiny(tmp_path)
+            )
+        expected = f"{bad}: cannot be read as weights" if content is not None else f"weights file .*{bad} not found"
+        assert re.search(expected, _messages(info.value)), _messages(info.value)
+        assert content is None or (tmp_path / bad).read_bytes() == content
+    assert _digests(models) == before
+
+
+def test_calibrate_checks_the_conformal_settings_before_rewriting_the_weights(tmp_path):
+    models = _models(tmp_path)
+    before = _digests(models)
+    with pytest.raises(Exception) as info:
+        wf = bundle_workflow(
+            PHANTOM, ["train.json", "calibrate.json"], "train", conformal_alphas=[1.5], **_tiny(tmp_path)
+        )
+        wf.run()  # reached only if initialize accepted the alphas: then the weights would be rewritten first
+    assert "alpha" in _messages(info.value)
     assert _digests(models) == before

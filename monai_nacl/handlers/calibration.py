@@ -14,6 +14,7 @@ from ignite.engine import Engine, Events
 from ignite.metrics import Metric
 from monai.utils import evenly_divisible_all_gather, get_dist_device
 
+from monai_nacl.distributed import broadcast_from_rank0
 from monai_nacl.metrics.calibration import KEYS, CalibrationMetric
 from monai_nacl.temperature.record import atomic_save, save_calibrated  # atomic_save: re-exported
 from monai_nacl.temperature.scaling import TemperatureFitter, TemperatureScaled, compose_temperature
@@ -167,7 +168,10 @@ class TemperatureFitHandler:
 
     def _fit(self, engine: Engine) -> None:
         self.fitter.all_gather()  # the cases of every rank (a no-op on one process)
+        # every rank fits on the same sample; rank 0's result is shared so the ranks agree to the last bit (the
+        # conformal pass refuses ranks whose temperatures differ), even where their floating point does not
         correction = self.fitter.fit()
+        correction = broadcast_from_rank0(correction).to(correction.device)
         before, after = self.fitter.score(), self.fitter.score(correction)
         total = compose_temperature(self.network.temperature, correction)
         self.network.set_temperature(total)
