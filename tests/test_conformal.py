@@ -661,7 +661,7 @@ def _fit_cases(weights, indices, probs, labels, logits):
 
 def _ddp_fit_worker(rank, port, weights, data, out):
     import torch.distributed as dist
-    from ignite.engine import Engine
+    from ignite.engine import Engine, Events
 
     from monai_nacl.handlers.conformal import ConformalFitHandler
 
@@ -697,6 +697,18 @@ def _ddp_fit_worker(rank, port, weights, data, out):
         out[f"refused{rank}"] = ""
     except ValueError as e:
         out[f"refused{rank}"] = str(e)
+    # a temperature that changes during the pass on rank 1 only is refused on both ranks (rank 0 writes nothing)
+    net = _tiny_network()
+    handler = ConformalFitHandler(net, C, alphas=[0.2], save_path=weights.parent / "changed" / "model.pt")
+    engine = Engine(lambda e, batch: batch)
+    handler.attach(engine)
+    if rank == 1:
+        engine.add_event_handler(Events.ITERATION_COMPLETED, lambda _: net.set_temperature(torch.tensor([2.0, 2.0])))
+    try:
+        engine.run([([_case(probs[rank])], [labels[rank]])])
+        out[f"changed{rank}"] = ""
+    except ValueError as e:
+        out[f"changed{rank}"] = str(e)
     dist.destroy_process_group()
 
 
@@ -723,6 +735,8 @@ def test_distributed_fit_equals_the_fit_of_one_process(tmp_path):
     expected = [f.to_json() for f in single.fitted]
     assert len(expected) == 6 and expected != [f.to_json() for f in alone.fitted]
     assert out["broadcast0"] == out["broadcast1"] == [0.5]
+    assert "on another rank" in out["changed0"] and "-> tensor" in out["changed1"]
+    assert not (tmp_path / "ddp" / "changed").exists()
     for rank in range(2):  # every rank fitted on all 5 cases, exactly what one process fits
         assert out[rank]["cases"] == 5 and out[rank]["fits"] == expected
         assert out[rank]["volumes"] == 5

@@ -201,14 +201,19 @@ class ConformalFitHandler:
         now = self._current_temperature()
         ranks = world_size()
         temperatures = self._gather(now) if ranks > 1 else []
+        before = self._temperature
+        here = (now is None) != (before is None) or (now is not None and not torch.equal(now, before))
+        changed = here
+        # decided together: a rank that raised alone would let rank 0 write a record of mixed probabilities
+        if ranks > 1:
+            changed = bool(all_reduce_sum(torch.tensor([int(here)])).item())
         if self.num_cases == 0:
             where = f" on any of the {ranks} processes" if ranks > 1 else ""
             raise ValueError(f"ConformalFitHandler saw no case{where}: the evaluator's data loader is empty.")
-        before = self._temperature
-        changed = (now is None) != (before is None) or (now is not None and not torch.equal(now, before))
         if changed:
             raise ValueError(
-                f"the network's temperature changed during the conformal pass ({before} -> {now}): its probabilities "
+                "the network's temperature changed during the conformal pass "
+                f"({f'{before} -> {now}' if here else 'on another rank'}): its probabilities "
                 "mix temperatures. Run the conformal evaluator after the temperature is fitted (a separate run)."
             )
         if any(t.shape != temperatures[0].shape or not torch.equal(t, temperatures[0]) for t in temperatures):
