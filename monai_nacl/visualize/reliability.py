@@ -62,6 +62,20 @@ def _panel(ax_rel, ax_hist, count, conf_sum, acc_sum, title: str, equal_mass: bo
         ax_hist.set(xlim=(0, 1), xlabel="confidence", ylabel="fraction")
 
 
+def _save(fig, path: str | Path, title: str, dpi: int) -> Path:
+    """Title, lay out, write (folders created) and close a figure; the written path."""
+    import matplotlib.pyplot as plt
+
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return path
+
+
 def plot_reliability(
     stats: BinStatistics,
     path: str | Path,
@@ -96,14 +110,7 @@ def plot_reliability(
     _panel(axes[0, 0], axes[1, 0], *pooled.top[0], "top-label", equal_mass)
     for c in range(n_classes):
         _panel(axes[0, c + 1], axes[1, c + 1], *pooled.ovr[0, :, c], f"{names[c]} (one-vs-rest)", equal_mass)
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(fig, path, title, dpi=100)
 
 
 def plot_reliability_grid(
@@ -149,11 +156,4 @@ def plot_reliability_grid(
         r, c = divmod(i, cols)
         axes[2 * r, c].axis("off")
         axes[2 * r + 1, c].axis("off")
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    return _save(fig, path, title, dpi=90)
