@@ -4,6 +4,7 @@ evaluate and infer through ConfigWorkflow, zoo-equivalent checks, MONAI Label ke
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import nibabel as nib
@@ -100,7 +101,7 @@ def test_train_calibrate_evaluate_infer_on_layout_fixture(name, tmp_path):
     # one temperature fitted on ground-truth foreground voxels only (the paper's ECE protocol) instead
     # (a bundle used this way from training on: the checkpoints above hold two temperatures)
     one_t = {**tiny, "temperature_mask": "foreground", "network_def#foreground_margin": None}
-    one_t["ckpt_dir"] = str(tmp_path / "one_t")
+    one_t["ckpt_dir"] = str(shutil.copytree(tmp_path / "models", tmp_path / "one_t"))  # calibrate needs weights
     fg = _workflow(name, ["train.json", "calibrate.json"], "train", **one_t)
     fitter = next(h for h in fg.parser.get_parsed_content("validate#handlers") if isinstance(h, TemperatureFitHandler))
     fitter = fitter.fitter
