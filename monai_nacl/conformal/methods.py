@@ -468,13 +468,18 @@ class ConformalPredictionSets(_Conformal):
             s = self.scores(pb[None])[0]
             true = yb[idx].long()
             self._scores.append(s.gather(0, true[None])[0].double().cpu())
+        self._thin(self.generator)
+
+    def _thin(self, generator: torch.Generator) -> None:
+        """Beyond ``max_scores`` in all, thin every case in proportion: each keeps a uniform sample of its voxels
+        (at least one)."""
         total = sum(s.numel() for s in self._scores)
-        if total > self.max_scores:  # thin every case in proportion: each keeps a uniform sample of its voxels
+        if total > self.max_scores:
             ratio = self.max_scores / total
             thinned = []
             for s in self._scores:
                 k = max(1, int(s.numel() * ratio))
-                thinned.append(s[torch.randperm(s.numel(), generator=self.generator)[:k]] if k < s.numel() else s)
+                thinned.append(s[torch.randperm(s.numel(), generator=generator)[:k]] if k < s.numel() else s)
             self._scores = thinned
 
     def calibration_scores(self) -> torch.Tensor:
@@ -499,15 +504,7 @@ class ConformalPredictionSets(_Conformal):
         counts = torch.cat(all_gather_rows(lengths))
         scores = torch.cat(all_gather_rows(self.calibration_scores()))
         self._scores = list(torch.split(scores, counts.tolist()))
-        total = int(counts.sum())
-        if total > self.max_scores:
-            generator = torch.Generator().manual_seed(self.seed)
-            ratio = self.max_scores / total
-            thinned = []
-            for s in self._scores:
-                k = max(1, int(s.numel() * ratio))
-                thinned.append(s[torch.randperm(s.numel(), generator=generator)[:k]] if k < s.numel() else s)
-            self._scores = thinned
+        self._thin(torch.Generator().manual_seed(self.seed))  # the same generator on every rank
 
     def fit(self, alpha: float) -> float:
         """Fit the threshold for miscoverage ``alpha`` (:func:`case_conformal_quantile` of the per-case scores).
