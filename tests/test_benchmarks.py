@@ -141,7 +141,10 @@ def test_adaptive_override_resolves_in_the_bundle_config(tmp_path):
     assert checkpoints[0]["save_dict"]["adaptive_penalty"] == "@validate#adaptive_penalty"
     assert len(parser["train#handlers"]) == len(original["train"]["handlers"])
     handler = parser.get_parsed_content("validate#adaptive_penalty", instantiate=True)
-    assert type(handler).__name__ == "ClassAdaptivePenalty" and handler.statistic == "class_ece"
+    assert type(handler).__name__ == "ClassAdaptivePenalty" and handler.statistic == "penalty"
+    assert handler.margin.tolist() == [module.ADAPTIVE_MARGIN["penalty"]] * 3
+    ablation = module.method_override("nacl_adaptive_ece")["validate#adaptive_penalty"]
+    assert ablation["statistic"] == "class_ece" and ablation["margin"] == module.ADAPTIVE_MARGIN["class_ece"]
     assert parser.get_parsed_content("validate#adaptive_penalty#loss") is parser.get_parsed_content("loss")
 
 
