@@ -106,7 +106,9 @@ PROTOCOL_METHODS = (
     "nacl_mean", "dice_ce", "ce", "l1ace_hard", "l1ace_soft", "mbls", "ecp", "svls", "focal", "ls", "nacl_ce",
     "nacl_adaptive",
 )  # fmt: skip
-ABLATIONS = ("nacl_adaptive_ece", "nacl_gauss", "nacl_a0.01", "nacl_a0.5", "nacl_k5", "nacl_softmax", "nacl_crop32", "nacl_patch32")
+ABLATIONS = (
+    "nacl_adaptive_ece", "nacl_gauss", "nacl_a0.01", "nacl_a0.5", "nacl_k5", "nacl_softmax", "nacl_crop32", "nacl_patch32",
+)  # fmt: skip
 DEFAULT_RUNS = [f"{m}_s{s}" for s in SEEDS for m in PROTOCOL_METHODS] + [f"{m}_s123" for m in ABLATIONS]
 
 METRIC_KEYS = ("dice_anterior", "dice_posterior", "dice_mean", "hd95") + tuple(
@@ -726,8 +728,8 @@ def main() -> None:
     if args.adaptive_pilot:
         parse_run(args.adaptive_pilot)
         for statistic, values in adaptive_pilot(args.out / "runs" / args.adaptive_pilot, args).items():
-            mean = statistics.fmean(values)
-            print(f"{args.adaptive_pilot}: validation {statistic} per class {[round(v, 6) for v in values]}, mean {mean:.6f}")
+            rounded, mean = [round(v, 6) for v in values], statistics.fmean(values)
+            print(f"{args.adaptive_pilot}: validation {statistic} per class {rounded}, mean {mean:.6f}")
         return
     if args.quick and args.publish:
         raise SystemExit("--publish copies into docs/: not with --quick")
