@@ -1,5 +1,6 @@
-"""The ``torch.distributed`` steps the fitters need to see every rank's cases: the process count, a ragged all-gather
-of rows and a sum.
+"""The ``torch.distributed`` steps the fitters need to see every rank's cases (the process count, a ragged all-gather
+of rows, a sum, a broadcast), and the device of a process on its node (:func:`local_device`, used by the bundles'
+``multi_gpu_*.json`` overlays).
 
 Each is a no-op (its input returned) without an initialised process group of more than one process. Tensors travel
 on :func:`monai.utils.get_dist_device` (the process's GPU under NCCL, the CPU under gloo) and come back on the CPU.
@@ -9,16 +10,52 @@ tensor), or the others wait for it forever.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.distributed as dist
 from monai.utils import evenly_divisible_all_gather, get_dist_device
 
-__all__ = ["world_size", "all_gather_rows", "all_reduce_sum", "broadcast_from_rank0"]
+__all__ = ["world_size", "local_rank", "local_device", "all_gather_rows", "all_reduce_sum", "broadcast_from_rank0"]
 
 
 def world_size() -> int:
     """The number of processes of the default ``torch.distributed`` group (1 without one)."""
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def local_rank() -> int:
+    """This process's index on its own node: ``LOCAL_RANK`` as ``torchrun`` sets it, else the global rank modulo the
+    node's GPU count (one process per GPU on identical nodes), else 0.
+
+    On one node the local and global ranks agree; on several, ``cuda:{global rank}`` names a GPU the node does not
+    have (rank 8 of two 8-GPU nodes), which is why the bundles' overlays use this.
+
+    Raises:
+        ValueError: ``LOCAL_RANK`` set to something that is not a non-negative integer.
+    """
+    value = os.environ.get("LOCAL_RANK")
+    if value is not None:
+        if not value.strip().isdigit():
+            raise ValueError(f"LOCAL_RANK must be a non-negative integer, got {value!r}.")
+        return int(value)
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank() % max(1, torch.cuda.device_count())
+    return 0
+
+
+def local_device() -> torch.device:
+    """``cuda:{local_rank()}`` where CUDA is available, else the CPU.
+
+    Raises:
+        ValueError: a bad ``LOCAL_RANK``, or one beyond the node's GPUs (naming both).
+    """
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    index, count = local_rank(), torch.cuda.device_count()
+    if index >= count:
+        raise ValueError(f"local rank {index} has no GPU: this node has {count} (cuda:0 to cuda:{count - 1}).")
+    return torch.device(f"cuda:{index}")
 
 
 def all_gather_rows(rows: torch.Tensor) -> list[torch.Tensor]:

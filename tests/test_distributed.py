@@ -1,0 +1,52 @@
+"""The device of a process on its node (``monai_nacl.distributed.local_rank`` / ``local_device``)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from monai_nacl.distributed import local_device, local_rank
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_local_rank_reads_torchrun_environment(monkeypatch):
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert local_rank() == 3
+    monkeypatch.delenv("LOCAL_RANK")
+    assert local_rank() == 0  # no process group, no LOCAL_RANK
+
+
+@pytest.mark.parametrize("bad", ["-1", "one", "1.5", ""])
+def test_local_rank_refuses_a_bad_environment(monkeypatch, bad):
+    monkeypatch.setenv("LOCAL_RANK", bad)
+    with pytest.raises(ValueError, match="LOCAL_RANK"):
+        local_rank()
+
+
+def test_local_device_on_a_node_without_cuda(monkeypatch):
+    monkeypatch.setenv("LOCAL_RANK", "5")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert local_device() == torch.device("cpu")
+
+
+def test_local_device_is_the_local_gpu_on_a_second_node(monkeypatch):
+    """Global rank 9 of two 8-GPU nodes is local rank 1: cuda:1, not cuda:9."""
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("RANK", "9")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
+    assert local_device() == torch.device("cuda:1")
+    monkeypatch.setenv("LOCAL_RANK", "8")
+    with pytest.raises(ValueError, match="local rank 8 has no GPU: this node has 8"):
+        local_device()
+
+
+def test_multi_gpu_overlays_use_the_local_device():
+    overlays = sorted((ROOT / "bundles").glob("*/configs/multi_gpu_*.json"))
+    assert len(overlays) == 3 * len(list((ROOT / "bundles").glob("*/configs/train.json")))
+    for path in overlays:
+        assert json.loads(path.read_text())["device"] == "$monai_nacl.distributed.local_device()", path
