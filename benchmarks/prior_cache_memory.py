@@ -4,9 +4,13 @@ CacheDataset keeps every transform up to the first random one, so the dataset bu
 the label and the C-channel prior tau of each training case. This script builds one case at the resampled size of
 a typical case of each dataset (sizes below: the public releases' usual extent and spacing, resampled to the
 bundle's ``pixdim``), computes tau with the bundle's own ``train#prior_transform`` settings in float32 and float16,
-and prints the bytes each cached tensor takes, the time tau costs, and the largest error float16 adds.
+and prints the bytes each cached tensor takes, the time tau costs, and the largest error float16 adds. With the
+``prior_on_device.json`` overlay nothing C-channel is cached: the case is its image and label padded by the halo, and
+tau costs one filter of each training batch on the device (timed here on this machine for one batch of haloed
+patches at the bundle's patch size and batch size).
 
-Run: ``python benchmarks/prior_cache_memory.py [--layouts flare21 brats19 kits19]``.
+Run: ``python benchmarks/prior_cache_memory.py [--layouts flare21 brats19 kits19] [--device cuda]`` (``--device``:
+where the batch's tau is timed, the median of 5 after one warm-up).
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import statistics
 import time
 from pathlib import Path
 
@@ -33,7 +38,7 @@ def _mb(t: torch.Tensor) -> float:
     return t.numel() * t.element_size() / 2**20
 
 
-def measure(layout: str) -> dict:
+def measure(layout: str, device: torch.device | None = None) -> dict:
     from monai.data import MetaTensor
 
     from monai_nacl.transforms import NeighborPrior
@@ -63,29 +68,60 @@ def measure(layout: str) -> dict:
     row["float16_max_error"] = (priors["float16"].float() - priors["float32"]).abs().max().item()
     for name in ("float32", "float16"):
         row[f"case_{name}_mb"] = row["image_mb"] + row["label_mb"] + row[f"prior_{name}_mb"]
+    # the prior on the device: image and label padded by the halo are cached; tau is computed per batch of patches
+    from monai_nacl.prepare_batch import PriorOnDevice
+
+    prepare = PriorOnDevice(classes, neighborhood_mm=neighborhood_mm, spacing=pixdim, patch_size=train["patch_size"])
+    padded = [s + 2 * h for s, h in zip(shape, prepare.halo)]
+    voxels = torch.Size(padded).numel()
+    row["case_on_device_mb"] = voxels * (channels + 1) * 4 / 2**20
+    batch_size = train["train"]["dataloader"]["batch_size"]
+    patch_label = label[None, :, : prepare.crop_size[0], : prepare.crop_size[1], : prepare.crop_size[2]]
+    batch = {"image": torch.zeros(batch_size, channels, *patch_label.shape[2:])}
+    batch["label"] = patch_label.expand(batch_size, *patch_label.shape[1:]).clone()
+    device = torch.device("cpu") if device is None else device
+    batch = {k: v.to(device) for k, v in batch.items()}
+    times = []
+    for _ in range(6):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        prepare(batch, device)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - start)
+    row["batch_prior_s"] = statistics.median(times[1:])
     return row
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--layouts", nargs="+", default=list(LAYOUTS), choices=list(LAYOUTS))
+    ap.add_argument("--device", default="cpu", help="where one batch's tau on the device is timed (cpu, cuda)")
     args = ap.parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: CUDA is not available here")
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    print(f"machine: {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
+    print(
+        f"machine: {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, batch tau on {device}"
+    )
+    if device.type == "cuda":
+        print(f"GPU: {torch.cuda.get_device_name(device)}")
     print(
         "| dataset | resampled shape | classes | image MB | label MB | tau float32 MB | tau float16 MB "
-        "| case float32 MB | case float16 MB | float16 max error | tau time s |"
+        "| case float32 MB | case float16 MB | float16 max error | tau time s | case on device MB | batch tau s |"
     )
-    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     rows = []
     for layout in args.layouts:
-        r = measure(layout)
+        r = measure(layout, device)
         rows.append(r)
         print(
             f"| {layout} | {'x'.join(map(str, r['shape']))} | {r['classes']} | {r['image_mb']:.0f} | "
             f"{r['label_mb']:.0f} | {r['prior_float32_mb']:.0f} | {r['prior_float16_mb']:.0f} | "
             f"{r['case_float32_mb']:.0f} | {r['case_float16_mb']:.0f} | {r['float16_max_error']:.1e} | "
-            f"{r['prior_float32_s']:.1f} |",
+            f"{r['prior_float32_s']:.1f} | {r['case_on_device_mb']:.0f} | {r['batch_prior_s']:.2f} |",
             flush=True,
         )
     return rows

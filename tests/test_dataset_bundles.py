@@ -183,3 +183,30 @@ def test_the_prior_is_cached_in_float16(name, tmp_path):
     out = prior({"label": label})["prior"]
     assert out.dtype == torch.float16 and out.shape[0] == len(DATASETS[name]["classes"])
     assert torch.equal(out[0].float(), torch.ones(8, 8, 8))  # all background: tau = 1 for class 0, exactly
+
+
+@pytest.mark.parametrize("layout", ["flare21", "brats19"])
+def test_trains_with_the_prior_on_the_device(layout, tmp_path):
+    """``prior_on_device.json`` on a dataset bundle (anisotropic kernel from ``neighborhood_mm``, RandAffined between
+    crop and device): nothing C-channel is cached, and every batch reaches the loss with τ of the patch size."""
+    from monai.engines.utils import IterationEvents
+
+    name = BY_LAYOUT[layout]
+    data = write_fixture(layout, tmp_path / "data", num_cases=6, seed=1)
+    tiny = {**_tiny(name, tmp_path, data), "train#dataset#cache_rate": 1.0}
+    wf = _workflow(name, ["train.json", "prior_on_device.json"], "train", **tiny)
+    cached = wf.parser.get_parsed_content("train#dataset")
+    items = [item for item in cached._cache if isinstance(item, dict)]
+    assert items and all("prior" not in item and "label" in item for item in items)
+    sizes = []
+
+    def check(engine):
+        prior = engine.state.batch["prior"]
+        sizes.append(list(prior.shape[1:]))
+        assert torch.allclose(prior.sum(1), torch.ones_like(prior[:, 0]))
+
+    wf.parser.get_parsed_content("train#trainer").add_event_handler(IterationEvents.FORWARD_COMPLETED, check)
+    wf.run()
+    classes = len(DATASETS[name]["classes"])
+    assert sizes and all(s == [classes, *SMALL[layout]] for s in sizes)
+    assert check_calibration_record(tmp_path / "models" / "model.pt") == []

@@ -9,8 +9,9 @@ happen on CPU from those weights::
 Steps: ``nvidia-smi`` and torch facts; a 2-epoch probe of each model to time an epoch; both models (NACL and
 CE+Dice, same seed) trained at the same time with ``train.json + [train_dice_ce.json] + dynunet.json +
 train_dynunet.json``, ``max_epochs`` chosen so both finish within ``--minutes``; the CUDA tests; ``bench_loss``
-and ``bench_metrics`` on CUDA. Every step has a timeout and is logged; a failed step does not stop the next
-one, and the exit status is non-zero when any failed. ``--device cpu --epochs 1 --cases 4`` runs the same
+and ``bench_metrics`` on CUDA; ``prior_cache_memory --device cuda`` (τ of a batch computed on the GPU). Every step
+has a timeout and is logged; a failed step does not stop the next one, and the exit status is non-zero when any
+failed. ``--device cpu --epochs 1 --cases 4`` runs the same
 plumbing on CPU in about a minute (what ``tests/test_bundles.py`` does).
 """
 
@@ -148,6 +149,8 @@ def main(argv: list[str] | None = None) -> int:
         for bench in ("bench_loss", "bench_metrics"):
             if not run_step(out, bench, [py, f"benchmarks/{bench}.py"], 600):
                 failed.append(bench)
+        if not run_step(out, "prior_cache_memory", [py, "benchmarks/prior_cache_memory.py", "--device", "cuda"], 300):
+            failed.append("prior_cache_memory")
     log(out, f"done; failed steps: {failed or 'none'}")
     return 1 if failed else 0
 
