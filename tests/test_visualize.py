@@ -110,8 +110,23 @@ def test_reliability_grid_draws_one_panel_per_entry(tmp_path, monkeypatch):
     assert path.stat().st_size > 10_000
     titles = [ax.get_title() for ax, _ in drawn if ax.get_title()]
     assert len(dict.fromkeys(titles)) == 3
-    assert [t.split("\n")[1].split()[0] for t in dict.fromkeys(titles)] == ["ECE", "adaptive", "ECE"]
+    assert [t.split("\n")[-1].split()[0] for t in dict.fromkeys(titles)] == ["ECE", "adaptive", "ECE"]
     with pytest.raises(ValueError, match="stats is empty"):
         plot_reliability_grid({}, tmp_path / "none.png")
     with pytest.raises(ValueError, match="columns"):
         plot_reliability_grid(stats, tmp_path / "bad.png", columns=0)
+
+
+def test_long_panel_titles_wrap_within_their_panel(tmp_path, monkeypatch):
+    from monai_nacl.visualize import plot_reliability_grid
+    from monai_nacl.visualize.reliability import PANEL_TITLE_WIDTH
+
+    metric = CalibrationMetric(3, mask="all", num_bins=10)
+    metric.update(*_confident_volume())
+    name = "Class-adaptive NACL (augmented Lagrangian), seed 123"
+    drawn = _bars(monkeypatch, {name: metric.bin_statistics()})
+    plot_reliability_grid({name: metric.bin_statistics()}, tmp_path / "grid.png")
+    title = next(ax.get_title() for ax, _ in drawn if ax.get_title())
+    *name_lines, metric_line = title.split("\n")
+    assert len(name_lines) > 1 and all(len(line) <= PANEL_TITLE_WIDTH for line in name_lines)
+    assert " ".join(name_lines) == name and metric_line.startswith("ECE")

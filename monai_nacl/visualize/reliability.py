@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -32,6 +33,9 @@ def _adaptive_edges(count: np.ndarray, conf: np.ndarray, nonempty: np.ndarray) -
     return bounds[np.concatenate([[0], np.cumsum(nonempty)])]
 
 
+PANEL_TITLE_WIDTH = 30  # characters per line of a panel title
+
+
 def _panel(ax_rel, ax_hist, count, conf_sum, acc_sum, title: str, equal_mass: bool = False) -> None:
     count, conf_sum, acc_sum = (np.asarray(a, dtype=float) for a in (count, conf_sum, acc_sum))
     nb = count.size
@@ -50,7 +54,9 @@ def _panel(ax_rel, ax_hist, count, conf_sum, acc_sum, title: str, equal_mass: bo
     if equal_mass:  # bars span unequal ranges: mark where each bin's mean confidence lies
         ax_rel.plot(conf[nonempty], acc[nonempty], "o", color="black", ms=2.5, label="mean confidence")
     ax_rel.plot([0, 1], [0, 1], "k--", lw=1)
-    ax_rel.set(xlim=(0, 1), ylim=(0, 1), ylabel="accuracy", title=f"{title}\n{kind} {ece:.4f}")
+    # a panel is ~3 inches wide: longer names (method names in grids) wrap instead of running into the next title
+    wrapped = "\n".join(textwrap.wrap(title, PANEL_TITLE_WIDTH)) or title
+    ax_rel.set(xlim=(0, 1), ylim=(0, 1), ylabel="accuracy", title=f"{wrapped}\n{kind} {ece:.4f}")
     ax_rel.legend(loc="upper left", fontsize=7)
     frac = count / max(count.sum(), 1.0)
     if equal_mass:  # every bin holds the same share: show the density of confidences instead
