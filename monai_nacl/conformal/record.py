@@ -14,7 +14,6 @@ import datetime
 import json
 import logging
 import math
-import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -28,7 +27,7 @@ from monai_nacl.conformal.methods import (
     _Conformal,
     _to_jsonable,
 )
-from monai_nacl.temperature.record import _fingerprint_hex, _replace_atomically
+from monai_nacl.temperature.record import _fingerprint_hex, _replace_atomically, report_problems
 from monai_nacl.temperature.scaling import weights_fingerprint as _weights_fingerprint
 
 __all__ = [
@@ -321,13 +320,11 @@ def warn_if_conformal_stale(path: str | Path, strict: bool = False) -> list[str]
         FileNotFoundError: no weights file at ``path``.
         ValueError: unreadable weights or record, or, with ``strict``, any problem.
     """
-    problems = check_conformal_record(path)
-    if strict and problems:
-        raise ValueError(
-            "the conformal record does not belong to these weights: " + "; ".join(problems) + ". Refit it "
-            "(calibrate.json) after the weights and temperature change."
-        )
-    for problem in problems:
-        logger.warning("%s: the conformal guarantees do not apply", problem)
-        warnings.warn(problem, StaleConformalWarning, stacklevel=2)
-    return problems
+    return report_problems(
+        check_conformal_record(path),
+        strict=strict,
+        refusal="the conformal record does not belong to these weights: {problems}. Refit it (calibrate.json) "
+        "after the weights and temperature change.",
+        consequence="the conformal guarantees do not apply",
+        category=StaleConformalWarning,
+    )

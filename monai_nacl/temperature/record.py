@@ -226,13 +226,32 @@ def warn_if_not_calibrated(path: str | Path, missing_ok: bool = False, strict: b
     if missing_ok and not Path(path).is_file():
         logger.warning("%s not found: inference needs trained weights there (or ckpt_dir pointing at them)", path)
         return [f"{path}: not found"]
-    problems = check_calibration_record(path)
+    return report_problems(
+        check_calibration_record(path),
+        strict=strict,
+        refusal="the model is not known to be calibrated for its weights: {problems}. Refit the temperature "
+        "(calibrate.json) or, to use it anyway, set require_calibrated to false.",
+        consequence="the probabilities may not be calibrated",
+        category=StaleTemperatureWarning,
+    )
+
+
+def report_problems(
+    problems: list[str], *, strict: bool, refusal: str, consequence: str, category: type[Warning]
+) -> list[str]:
+    """How the record checks report: raise one ``ValueError`` naming every problem (``strict``), or log and warn
+    each one (the warning pointing at the code that asked for the check); return ``problems``.
+
+    Args:
+        problems: what a check found (empty: nothing is reported).
+        strict: raise instead of warning.
+        refusal: the error message, with ``{problems}`` where the problems go.
+        consequence: what each problem means, appended to it in the log.
+        category: the warning class.
+    """
     if strict and problems:
-        raise ValueError(
-            "the model is not known to be calibrated for its weights: " + "; ".join(problems) + ". Refit the "
-            "temperature (calibrate.json) or, to use it anyway, set require_calibrated to false."
-        )
+        raise ValueError(refusal.format(problems="; ".join(problems)))
     for problem in problems:
-        logger.warning("%s: the probabilities may not be calibrated", problem)
-        warnings.warn(problem, StaleTemperatureWarning, stacklevel=2)
+        logger.warning("%s: %s", problem, consequence)
+        warnings.warn(problem, category, stacklevel=3)
     return problems
