@@ -1,4 +1,5 @@
-"""Mirror test-time augmentation around any MONAI inferer."""
+"""Mirror test-time augmentation around any MONAI inferer, and the description of an inferer that calibration records
+keep (the probabilities a temperature or a conformal threshold was fitted on depend on it)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from typing import Any
 import torch
 from monai.inferers import Inferer
 
-__all__ = ["MirrorInferer"]
+__all__ = ["MirrorInferer", "describe_inferer"]
 
 
 class MirrorInferer(Inferer):
@@ -20,8 +21,8 @@ class MirrorInferer(Inferer):
     logit map: the bundles' postprocessing applies the softmax. With a ``TemperatureScaled`` network the
     temperature is applied inside every forward pass (per window and per mirroring; with two temperatures, each
     pass uses its own near/far split), so the result is the mean of the scaled logits. Temperatures and conformal
-    records are fitted through the evaluator's inferer and do not record it: fit them (``calibrate.json``) with the
-    same ``mirror_tta`` setting the model is served with.
+    records are fitted through the evaluator's inferer and record it (:func:`describe_inferer`): inference with
+    another ``mirror_tta`` setting than calibration is reported as not calibrated.
 
     Args:
         inferer: the inferer to wrap, e.g. ``SlidingWindowInferer``; ``SimpleInferer`` when omitted.
@@ -70,3 +71,47 @@ class MirrorInferer(Inferer):
                 total = acc if total is None else total + acc
                 count += 1
         return (total / count).to(out.dtype)
+
+
+def _plain(value: Any) -> Any:
+    """Tuples, tensors and numpy values as JSON-friendly lists and numbers."""
+    if isinstance(value, torch.Tensor):
+        value = value.tolist()
+    if hasattr(value, "tolist") and not isinstance(value, (list, tuple)):
+        value = value.tolist()
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+def describe_inferer(inferer: Any) -> str | None:
+    """The settings of an inferer that change the probabilities it produces, as one string
+    (``"SlidingWindowInferer(roi_size=[40, 56, 40], overlap=0.25, mode=constant)"``,
+    ``"MirrorInferer(spatial_axes=[0, 1, 2], SimpleInferer())"``).
+
+    Calibration records store it, so inference can tell that a temperature or a conformal threshold was fitted on
+    other probabilities (mirror test-time augmentation on or off, another window or blending). Batch sizes, devices
+    and progress bars are left out: they do not change the result.
+
+    Args:
+        inferer: a MONAI inferer, :class:`MirrorInferer`, a description string (returned unchanged) or ``None``.
+
+    Returns:
+        the description, or ``None`` for ``None``.
+    """
+    if inferer is None or isinstance(inferer, str):
+        return inferer
+    name = type(inferer).__name__
+    if isinstance(inferer, MirrorInferer):
+        inner = describe_inferer(inferer.inferer) if inferer.inferer is not None else "SimpleInferer()"
+        return f"{name}(spatial_axes={_plain(inferer.spatial_axes)}, {inner})"
+    settings = []
+    if hasattr(inferer, "roi_size") and hasattr(inferer, "overlap"):  # SlidingWindowInferer and its subclasses
+        settings = [f"roi_size={_plain(inferer.roi_size)}", f"overlap={_plain(inferer.overlap)}"]
+        mode = str(getattr(getattr(inferer, "mode", "constant"), "value", getattr(inferer, "mode", "constant")))
+        settings.append(f"mode={mode}")
+        if mode == "gaussian":
+            settings.append(f"sigma_scale={_plain(getattr(inferer, 'sigma_scale', 0.125))}")
+    return f"{name}({', '.join(settings)})"

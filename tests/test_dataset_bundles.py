@@ -14,9 +14,10 @@ import torch
 from conftest import bundle_workflow
 
 from monai_nacl.bundle_check import all_bundles
+from monai_nacl.conformal import read_conformal_record
 from monai_nacl.data import build_datalist, write_fixture
 from monai_nacl.handlers import TemperatureFitHandler
-from monai_nacl.temperature import check_calibration_record
+from monai_nacl.temperature import check_calibration_record, read_calibration_record
 
 # bundle workflows, torchrun and script runs: minutes in all; `pytest -m "not slow"` skips them
 pytestmark = pytest.mark.slow
@@ -98,6 +99,14 @@ def test_train_calibrate_evaluate_infer_on_layout_fixture(name, tmp_path):
     state = torch.load(tmp_path / "models" / "model.pt", weights_only=True)
     # [elsewhere, near the predicted foreground]
     assert state["temperature"].shape == (2,) and not torch.equal(state["temperature"], torch.ones(2))
+    # both records name the inferer they were fitted through, the one inference uses
+    infer_config = json.loads((ROOT / "bundles" / name / "configs" / "inference.json").read_text())
+    expected = f"SlidingWindowInferer(roi_size={tiny['patch_size']}, overlap={infer_config['inferer']['overlap']}"
+    for record in (
+        read_calibration_record(tmp_path / "models" / "model.pt"),
+        read_conformal_record(tmp_path / "models" / "model.pt"),
+    ):
+        assert record["inferer"].startswith(expected), record["inferer"]
     # one temperature fitted on ground-truth foreground voxels only (the paper's ECE protocol) instead
     # (a bundle used this way from training on: the checkpoints above hold two temperatures)
     one_t = {**tiny, "temperature_mask": "foreground", "network_def#foreground_margin": None}

@@ -60,3 +60,77 @@ def test_bad_axes(axes):
 def test_axes_beyond_the_input_are_named():
     with pytest.raises(ValueError, match=r"2 spatial dimensions"):
         MirrorInferer()(torch.zeros(1, 1, 4, 4), lambda t: t)
+
+
+def test_describe_inferer_keeps_what_changes_the_probabilities():
+    from monai.inferers import SimpleInferer, SlidingWindowInferer
+
+    from monai_nacl.inferers import describe_inferer
+
+    window = SlidingWindowInferer(roi_size=(40, 56, 40), sw_batch_size=1, overlap=0.25)
+    assert describe_inferer(window) == "SlidingWindowInferer(roi_size=[40, 56, 40], overlap=0.25, mode=constant)"
+    # batch size and device do not change the result: the same description
+    same = SlidingWindowInferer(roi_size=[40, 56, 40], sw_batch_size=8, overlap=0.25, sw_device="cpu")
+    assert describe_inferer(same) == describe_inferer(window)
+    gaussian = SlidingWindowInferer(roi_size=(40, 56, 40), overlap=0.5, mode="gaussian", sigma_scale=0.25)
+    assert describe_inferer(gaussian).endswith("overlap=0.5, mode=gaussian, sigma_scale=0.25)")
+    mirrored = describe_inferer(MirrorInferer(window))
+    assert mirrored == f"MirrorInferer(spatial_axes=[0, 1, 2], {describe_inferer(window)})"
+    assert describe_inferer(MirrorInferer(spatial_axes=(2,))) == "MirrorInferer(spatial_axes=[2], SimpleInferer())"
+    assert describe_inferer(SimpleInferer()) == "SimpleInferer()"
+    assert describe_inferer(None) is None and describe_inferer(mirrored) == mirrored
+
+
+def test_records_name_their_inferer_and_inference_with_another_is_reported(tmp_path):
+    """The temperature and conformal records keep the inferer they were fitted through; inference with mirror
+    test-time augmentation on weights calibrated without it is reported (and refused when strict)."""
+    import warnings
+
+    from monai.inferers import SlidingWindowInferer
+
+    from monai_nacl.conformal import (
+        ConformalRiskControl,
+        check_conformal_record,
+        save_conformal,
+        warn_if_conformal_stale,
+    )
+    from monai_nacl.inferers import describe_inferer
+    from monai_nacl.temperature import (
+        TemperatureScaled,
+        check_calibration_record,
+        save_calibrated,
+        warn_if_not_calibrated,
+        weights_fingerprint,
+    )
+
+    window = SlidingWindowInferer(roi_size=(8, 8, 8), overlap=0.25)
+    net = TemperatureScaled(torch.nn.Conv3d(1, 3, 3, padding=1))
+    net.set_temperature(torch.tensor([1.3]))
+    weights = tmp_path / "model.pt"
+    save_calibrated(net.state_dict(), weights, inferer=describe_inferer(window))
+    crc = ConformalRiskControl(3, bins=20)
+    p = torch.softmax(torch.randn(4, 3, 6, 6, 6, generator=torch.Generator().manual_seed(0)), 1)
+    crc.update(p, p.argmax(1, keepdim=True))
+    crc.fit(0.2)
+    save_conformal(weights, [crc], weights_fingerprint(net), net.temperature, inferer=describe_inferer(window))
+
+    assert check_calibration_record(weights, window) == [] and check_conformal_record(weights, window) == []
+    assert check_calibration_record(weights) == [] and check_conformal_record(weights) == []  # not asked: not checked
+    tta = MirrorInferer(window)
+    [temperature_problem] = check_calibration_record(weights, tta)
+    assert "temperature fitted on the probabilities of SlidingWindowInferer" in temperature_problem
+    assert "inference uses MirrorInferer(spatial_axes=[0, 1, 2]" in temperature_problem
+    [threshold_problem] = check_conformal_record(weights, tta)
+    assert "model.conformal.json: thresholds fitted on the probabilities of SlidingWindowInferer" in threshold_problem
+    with pytest.raises(ValueError, match="MirrorInferer"):
+        warn_if_not_calibrated(weights, strict=True, inferer=tta)
+    with pytest.raises(ValueError, match="MirrorInferer"):
+        warn_if_conformal_stale(weights, strict=True, inferer=tta)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert warn_if_not_calibrated(weights, inferer=tta) == [temperature_problem]
+    assert [str(w.message) for w in caught] == [temperature_problem] and caught[0].filename == __file__
+
+    # a record written before inferers were recorded names none: nothing to compare, nothing reported
+    save_calibrated(net.state_dict(), weights)
+    assert check_calibration_record(weights, tta) == []

@@ -27,7 +27,7 @@ from monai_nacl.conformal.methods import (
     _Conformal,
     _to_jsonable,
 )
-from monai_nacl.temperature.record import _fingerprint_hex, _replace_atomically, report_problems
+from monai_nacl.temperature.record import _fingerprint_hex, _replace_atomically, inferer_problems, report_problems
 from monai_nacl.temperature.scaling import weights_fingerprint as _weights_fingerprint
 
 __all__ = [
@@ -284,9 +284,10 @@ def load_conformal(path: str | Path | Mapping, kind: str, alpha: float | None = 
         raise ValueError(f"{where}: malformed {kind!r} fit ({type(e).__name__}: {e}).") from e
 
 
-def check_conformal_record(path: str | Path) -> list[str]:
+def check_conformal_record(path: str | Path, inferer: Any = None) -> list[str]:
     """Problems with the conformal record of the weights at ``path``; an empty list when the record exists and was
-    fitted for these weights and their temperature.
+    fitted for these weights and their temperature (and, with ``inferer``, on that inferer's probabilities: see
+    :func:`~monai_nacl.temperature.check_calibration_record`).
 
     Raises:
         FileNotFoundError: no weights file at ``path``.
@@ -305,23 +306,24 @@ def check_conformal_record(path: str | Path) -> list[str]:
     stored, fitted_with = _stored_temperature(state), record.get("temperature")
     if stored is not None and fitted_with is not None and not _same_temperature(stored, fitted_with):
         problems.append(f"{target}: fitted with temperature {fitted_with}, {path.name} holds {stored}")
-    return problems
+    return problems + inferer_problems(target, "thresholds", record.get("inferer"), inferer)
 
 
-def warn_if_conformal_stale(path: str | Path, strict: bool = False) -> list[str]:
+def warn_if_conformal_stale(path: str | Path, strict: bool = False, inferer: Any = None) -> list[str]:
     """Warn (:class:`StaleConformalWarning`, and the log) for each problem :func:`check_conformal_record` finds;
     return them.
 
     Args:
         path: the weights, e.g. ``models/model.pt``.
         strict: raise instead of warning.
+        inferer: the inferer inference uses (a record fitted on another one's probabilities is stale).
 
     Raises:
         FileNotFoundError: no weights file at ``path``.
         ValueError: unreadable weights or record, or, with ``strict``, any problem.
     """
     return report_problems(
-        check_conformal_record(path),
+        check_conformal_record(path, inferer),
         strict=strict,
         refusal="the conformal record does not belong to these weights: {problems}. Refit it (calibrate.json) "
         "after the weights and temperature change.",

@@ -15,6 +15,7 @@ from ignite.metrics import Metric
 from monai.utils import evenly_divisible_all_gather, get_dist_device
 
 from monai_nacl.distributed import broadcast_from_rank0
+from monai_nacl.inferers import describe_inferer
 from monai_nacl.metrics.calibration import KEYS, CalibrationMetric
 from monai_nacl.temperature.record import atomic_save, save_calibrated  # atomic_save: re-exported
 from monai_nacl.temperature.scaling import TemperatureFitter, TemperatureScaled, compose_temperature
@@ -189,6 +190,7 @@ class TemperatureFitHandler:
                 self.network.state_dict(),
                 self.save_path,
                 fitted_by="TemperatureFitHandler",
+                inferer=describe_inferer(getattr(engine, "inferer", None)),
                 foreground_margin=self.network.foreground_margin,
                 mask=self.fitter.mask,
                 voxels=self.fitter.num_voxels,

@@ -23,6 +23,7 @@ from monai_nacl.conformal.methods import (
 )
 from monai_nacl.conformal.record import CONFORMAL_KINDS, save_conformal
 from monai_nacl.distributed import all_gather_rows, all_reduce_sum, world_size
+from monai_nacl.inferers import describe_inferer
 from monai_nacl.temperature.scaling import weights_fingerprint
 
 __all__ = ["ConformalFitHandler", "case_spacing"]
@@ -248,9 +249,12 @@ class ConformalFitHandler:
                 fitted,
                 weights_fingerprint=weights_fingerprint(self.network),
                 temperature=now,
-                fitted_by="ConformalFitHandler",
-                cases=self.num_cases,
-                **self.provenance,
+                **{
+                    "fitted_by": "ConformalFitHandler",
+                    "inferer": describe_inferer(getattr(engine, "inferer", None)),
+                    "cases": self.num_cases,
+                    **self.provenance,
+                },
             )
 
 

@@ -13,6 +13,7 @@ import torch.nn as nn
 from ignite.engine import Engine, Events
 from monai.handlers import from_engine
 
+from monai_nacl.inferers import describe_inferer
 from monai_nacl.temperature.record import save_calibrated
 from monai_nacl.temperature.scaling import (
     TemperatureFitter,
@@ -130,6 +131,7 @@ class CalibratedModelSaver:
         state["calibrated_for"] = torch.tensor(weights_fingerprint(state), dtype=torch.int64)
         provenance = {
             "fitted_by": "CalibratedModelSaver (best model of a training run)",
+            "inferer": describe_inferer(getattr(engine, "inferer", None)),
             "epoch": epoch,
             "metric": {name: value},
             "foreground_margin": self.network.foreground_margin,

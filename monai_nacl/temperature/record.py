@@ -170,9 +170,16 @@ def read_calibration_record(path: str | Path) -> dict | None:
         raise ValueError(f"{target}: not a valid calibration record: {e}") from e
 
 
-def check_calibration_record(path: str | Path) -> list[str]:
+def check_calibration_record(path: str | Path, inferer: Any = None) -> list[str]:
     """Problems with the calibration of the weights at ``path``; an empty list when the temperature stored in them
     was fitted for them and the record beside them says so.
+
+    Args:
+        path: the weights, e.g. ``models/model.pt``.
+        inferer: the inferer the probabilities will be computed with (or its
+            :func:`~monai_nacl.inferers.describe_inferer` string): a record that names another one (mirror test-time
+            augmentation on or off, another window) is a problem. Records written before inferers were recorded
+            name none and are not checked for it.
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
@@ -206,10 +213,23 @@ def check_calibration_record(path: str | Path) -> list[str]:
         stored = [float(t) for t in state["temperature"].flatten()]
         if record.get("temperature") != stored:
             problems.append(f"{record_path(path)}: temperature {record.get('temperature')}, weights hold {stored}")
+        problems += inferer_problems(record_path(path), "temperature", record.get("inferer"), inferer)
     return problems
 
 
-def warn_if_not_calibrated(path: str | Path, missing_ok: bool = False, strict: bool = False) -> list[str]:
+def inferer_problems(target: Path, what: str, fitted_with: str | None, inferer: Any) -> list[str]:
+    """``[problem]`` when a record's inferer (``fitted_with``) is known and differs from ``inferer``, else ``[]``."""
+    from monai_nacl.inferers import describe_inferer
+
+    used = describe_inferer(inferer)
+    if fitted_with is None or used is None or fitted_with == used:
+        return []
+    return [f"{target}: {what} fitted on the probabilities of {fitted_with}, inference uses {used}"]
+
+
+def warn_if_not_calibrated(
+    path: str | Path, missing_ok: bool = False, strict: bool = False, inferer: Any = None
+) -> list[str]:
     """Warn (``StaleTemperatureWarning``, and the log) for each problem :func:`check_calibration_record` finds in
     the weights at ``path``; return them. The bundles' ``inference.json`` runs it before loading ``model.pt``, so
     an unreadable or stale model is reported before any image is processed.
@@ -218,6 +238,7 @@ def warn_if_not_calibrated(path: str | Path, missing_ok: bool = False, strict: b
         path: the weights, e.g. ``models/model.pt``.
         missing_ok: a missing file is a warning (a bundle that ships configs only), not an error.
         strict: raise instead of warning (the bundles' ``require_calibrated``).
+        inferer: the inferer inference uses (see :func:`check_calibration_record`).
 
     Raises:
         FileNotFoundError: the file is missing (without ``missing_ok``).
@@ -227,7 +248,7 @@ def warn_if_not_calibrated(path: str | Path, missing_ok: bool = False, strict: b
         logger.warning("%s not found: inference needs trained weights there (or ckpt_dir pointing at them)", path)
         return [f"{path}: not found"]
     return report_problems(
-        check_calibration_record(path),
+        check_calibration_record(path, inferer),
         strict=strict,
         refusal="the model is not known to be calibrated for its weights: {problems}. Refit the temperature "
         "(calibrate.json) or, to use it anyway, set require_calibrated to false.",

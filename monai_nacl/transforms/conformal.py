@@ -6,6 +6,7 @@ import csv
 import logging
 from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from monai.config import KeysCollection
@@ -37,6 +38,7 @@ class _FromRecord(MapTransform):
         strict: bool,
         allow_missing_keys: bool,
         missing_ok: bool = False,
+        inferer: Any = None,
     ) -> None:
         super().__init__(keys, allow_missing_keys)
         if len(self.keys) != 1:
@@ -60,7 +62,7 @@ class _FromRecord(MapTransform):
                 f"{self.weights_path}: no conformal record beside it ({self.weights_path.stem}.conformal.json); fit "
                 "it first (the bundle's calibrate.json), or remove this transform from inference."
             )
-        self.problems = warn_if_conformal_stale(self.weights_path, strict=strict)
+        self.problems = warn_if_conformal_stale(self.weights_path, strict=strict, inferer=inferer)
         self.fit = load_conformal(record, self.kind, alpha)
         C = self.fit.num_classes
         self.class_names = list(self.fit.class_names or [str(c) for c in range(C)])
@@ -111,10 +113,12 @@ class ConformalMasksd(_FromRecord):
         outer_key: output key of the outer masks.
         structures: class indices to output (default: every class but 0).
         output_key: where the per-structure summary goes (MONAI Label returns ``result``).
-        strict: a record fitted for other weights or another temperature raises instead of warning.
+        strict: a record fitted for other weights, another temperature or another inferer raises instead of warning.
         allow_missing_keys: skip a case without ``keys``.
         missing_ok: without a record beside the weights (never fitted, or removed when new weights were saved),
             log a warning once and pass every case through unchanged instead of raising.
+        inferer: the inferer the probabilities come from (the bundles pass ``@inferer``): a record fitted on another
+            one's probabilities (e.g. without mirror test-time augmentation) is stale.
 
     Raises:
         FileNotFoundError: no weights file, or (unless ``missing_ok``) no record beside it.
@@ -140,8 +144,11 @@ class ConformalMasksd(_FromRecord):
         strict: bool = False,
         allow_missing_keys: bool = False,
         missing_ok: bool = False,
+        inferer: Any = None,
     ) -> None:
-        super().__init__(keys, weights_path, alpha, structures, output_key, strict, allow_missing_keys, missing_ok)
+        super().__init__(
+            keys, weights_path, alpha, structures, output_key, strict, allow_missing_keys, missing_ok, inferer
+        )
         self.inner_key, self.outer_key = inner_key, outer_key
 
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
@@ -192,10 +199,12 @@ class StructureVolumeIntervalsd(_FromRecord):
         output_key: where the rows go in the data (MONAI Label returns ``result``).
         output_dir: folder of the CSV (``None``: not written).
         filename: CSV file name.
-        strict: a record fitted for other weights or another temperature raises instead of warning.
+        strict: a record fitted for other weights, another temperature or another inferer raises instead of warning.
         allow_missing_keys: skip a case without ``keys``.
         missing_ok: without a record beside the weights (never fitted, or removed when new weights were saved),
             log a warning once and pass every case through unchanged instead of raising.
+        inferer: the inferer the probabilities come from (the bundles pass ``@inferer``): a record fitted on another
+            one's probabilities (e.g. without mirror test-time augmentation) is stale.
 
     Raises:
         FileNotFoundError: no weights file, or (unless ``missing_ok``) no record beside it.
@@ -223,8 +232,11 @@ class StructureVolumeIntervalsd(_FromRecord):
         strict: bool = False,
         allow_missing_keys: bool = False,
         missing_ok: bool = False,
+        inferer: Any = None,
     ) -> None:
-        super().__init__(keys, weights_path, alpha, structures, output_key, strict, allow_missing_keys, missing_ok)
+        super().__init__(
+            keys, weights_path, alpha, structures, output_key, strict, allow_missing_keys, missing_ok, inferer
+        )
         self.seg_key = seg_key
         self.output_dir = None if output_dir is None else Path(output_dir)
         if Path(filename).name != filename or not filename:
