@@ -4,9 +4,19 @@ __version__ = "0.1.0"
 
 # Subpackages are imported so that bundle expressions such as `$monai_nacl.data.check_datalist(...)` work
 # after a plain `$import monai_nacl`.
-from monai_nacl import data, handlers, inferers, losses, metrics, temperature, transforms  # noqa: E402
+from monai_nacl import data, distributed, handlers, inferers, losses, metrics, temperature, transforms  # noqa: E402
 
-__all__ = ["data", "handlers", "inferers", "losses", "metrics", "temperature", "transforms", "__version__"]
+__all__ = [
+    "data",
+    "distributed",
+    "handlers",
+    "inferers",
+    "losses",
+    "metrics",
+    "temperature",
+    "transforms",
+    "__version__",
+]
 
 
 def __getattr__(name: str):

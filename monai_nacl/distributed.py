@@ -11,6 +11,7 @@ tensor), or the others wait for it forever.
 from __future__ import annotations
 
 import os
+import re
 
 import torch
 import torch.distributed as dist
@@ -36,7 +37,7 @@ def local_rank() -> int:
     """
     value = os.environ.get("LOCAL_RANK")
     if value is not None:
-        if not value.strip().isdigit():
+        if not re.fullmatch(r"[0-9]+", value.strip()):
             raise ValueError(f"LOCAL_RANK must be a non-negative integer, got {value!r}.")
         return int(value)
     if dist.is_available() and dist.is_initialized():
@@ -45,7 +46,8 @@ def local_rank() -> int:
 
 
 def local_device() -> torch.device:
-    """``cuda:{local_rank()}`` where CUDA is available, else the CPU.
+    """``cuda:{local_rank()}`` where CUDA is available, else the CPU. A process that sees one GPU only (a scheduler
+    giving each task its own ``CUDA_VISIBLE_DEVICES``) gets ``cuda:0`` whatever its local rank.
 
     Raises:
         ValueError: a bad ``LOCAL_RANK``, or one beyond the node's GPUs (naming both).
@@ -53,6 +55,8 @@ def local_device() -> torch.device:
     if not torch.cuda.is_available():
         return torch.device("cpu")
     index, count = local_rank(), torch.cuda.device_count()
+    if count == 1:
+        return torch.device("cuda:0")
     if index >= count:
         raise ValueError(f"local rank {index} has no GPU: this node has {count} (cuda:0 to cuda:{count - 1}).")
     return torch.device(f"cuda:{index}")

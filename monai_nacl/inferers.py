@@ -87,13 +87,16 @@ def _plain(value: Any) -> Any:
 
 
 def describe_inferer(inferer: Any) -> str | None:
-    """The settings of an inferer that change the probabilities it produces, as one string
-    (``"SlidingWindowInferer(roi_size=[40, 56, 40], overlap=0.25, mode=constant)"``,
-    ``"MirrorInferer(spatial_axes=[0, 1, 2], SimpleInferer())"``).
+    """The settings of an inferer that change the probabilities it produces, as one canonical string
+    (``"SlidingWindowInferer(roi_size=[40, 56, 40], overlap=[0.25, 0.25, 0.25], mode=constant, padding_mode=constant,
+    cval=0)"``, ``"MirrorInferer(spatial_axes=[0, 1, 2], SimpleInferer())"``).
 
     Calibration records store it, so inference can tell that a temperature or a conformal threshold was fitted on
-    other probabilities (mirror test-time augmentation on or off, another window or blending). Batch sizes, devices
-    and progress bars are left out: they do not change the result.
+    other probabilities (mirror test-time augmentation on or off, another window, blending or padding). Settings
+    that do not change the result are left out (batch sizes, devices, progress bars), and equivalent spellings give
+    one string: a scalar ``roi_size``, ``overlap`` or ``sigma_scale`` is expanded to one value per axis, mirrored
+    axes are sorted (the same flips are averaged), and ``SlidingWindowInferer`` subclasses that only choose the
+    device (``SlidingWindowInfererAdapt``) are named as the base class.
 
     Args:
         inferer: a MONAI inferer, :class:`MirrorInferer`, a description string (returned unchanged) or ``None``.
@@ -101,17 +104,35 @@ def describe_inferer(inferer: Any) -> str | None:
     Returns:
         the description, or ``None`` for ``None``.
     """
+    from monai.inferers import SlidingWindowInferer, SlidingWindowInfererAdapt
+
     if inferer is None or isinstance(inferer, str):
         return inferer
-    name = type(inferer).__name__
     if isinstance(inferer, MirrorInferer):
         inner = describe_inferer(inferer.inferer) if inferer.inferer is not None else "SimpleInferer()"
-        return f"{name}(spatial_axes={_plain(inferer.spatial_axes)}, {inner})"
-    settings = []
-    if hasattr(inferer, "roi_size") and hasattr(inferer, "overlap"):  # SlidingWindowInferer and its subclasses
-        settings = [f"roi_size={_plain(inferer.roi_size)}", f"overlap={_plain(inferer.overlap)}"]
-        mode = str(getattr(getattr(inferer, "mode", "constant"), "value", getattr(inferer, "mode", "constant")))
-        settings.append(f"mode={mode}")
-        if mode == "gaussian":
-            settings.append(f"sigma_scale={_plain(getattr(inferer, 'sigma_scale', 0.125))}")
-    return f"{name}({', '.join(settings)})"
+        return f"MirrorInferer(spatial_axes={sorted(_plain(inferer.spatial_axes))}, {inner})"
+    name = type(inferer).__name__
+    if not isinstance(inferer, SlidingWindowInferer):
+        return f"{name}()"
+    if type(inferer) is SlidingWindowInfererAdapt:
+        name = "SlidingWindowInferer"
+    roi = _plain(inferer.roi_size)
+    dims = len(roi) if isinstance(roi, list) else 3
+    settings = {"roi_size": _per_axis(roi, dims), "overlap": _per_axis(_plain(inferer.overlap), dims)}
+    settings["mode"] = _option(inferer.mode)
+    if settings["mode"] == "gaussian":
+        settings["sigma_scale"] = _per_axis(_plain(inferer.sigma_scale), dims)
+    settings["padding_mode"] = _option(inferer.padding_mode)
+    settings["cval"] = _plain(inferer.cval)
+    if getattr(inferer, "with_coord", False):
+        settings["with_coord"] = True
+    return f"{name}({', '.join(f'{k}={v}' for k, v in settings.items())})"
+
+
+def _per_axis(value: Any, dims: int) -> list:
+    return value if isinstance(value, list) else [value] * dims
+
+
+def _option(value: Any) -> str:
+    """An enum option or its string, as its value (``BlendMode.GAUSSIAN`` and ``"gaussian"`` alike)."""
+    return str(getattr(value, "value", value))

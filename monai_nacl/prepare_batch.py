@@ -39,7 +39,10 @@ class PriorOnDevice(PrepareBatch):
 
     Spatial augmentation between the crop and the device (``RandAffined``...) moves the label; τ is then the prior
     of the augmented label, so it matches the label the network is trained on (where τ warped by the augmentation
-    would blur it, and rotated-in corners get the label's padding rather than no class).
+    would blur it, and rotated-in corners get the label's padding rather than no class). Label-driven crops
+    (``RandCropByPosNegLabeld``) choose their centres in the padded volume, so a structure touching the volume's
+    border adds a few centres in the halo: the crops' positions differ slightly from the cached pipeline's, their τ
+    does not.
 
     τ is handed to the loss the way the cached one is: it is written to ``batchdata[prior_key]`` (the engine's
     ``state.batch``, which MONAI's ``SupervisedTrainer`` passes here), where
@@ -125,6 +128,13 @@ class PriorOnDevice(PrepareBatch):
             self.kernel_size = check_kernel_size(kernel_size)
             self.sigma = check_sigma(sigma)
         self.patch_size = None if patch_size is None else tuple(_check_patch_size(patch_size))
+        if self.patch_size is not None:
+            per_axis = [v for v in (self.kernel_size, self.sigma) if isinstance(v, tuple)]
+            if any(len(v) != len(self.patch_size) for v in per_axis):
+                raise ValueError(
+                    f"kernel_size {self.kernel_size} and sigma {self.sigma} must give one value per axis of patch_size "
+                    f"{list(self.patch_size)} (or one for all)."
+                )
         for key, name in ((image_key, "image_key"), (label_key, "label_key"), (prior_key, "prior_key")):
             if not isinstance(key, str):
                 raise ValueError(f"{name} must be a string, got {key!r}.")
@@ -135,10 +145,16 @@ class PriorOnDevice(PrepareBatch):
 
     @property
     def halo(self) -> list[int]:
-        """Voxels added on each side of every spatial axis (``kernel_size // 2``), for ``BorderPadd``."""
-        dims = len(self.patch_size) if self.patch_size is not None else 3
-        sizes = self.kernel_size if isinstance(self.kernel_size, tuple) else self._sizes(dims)
-        return [k // 2 for k in sizes]
+        """Voxels added on each side of every spatial axis (``kernel_size // 2``), for ``BorderPadd``.
+
+        Raises:
+            ValueError: one ``kernel_size`` for all axes and no ``patch_size`` to tell how many axes there are.
+        """
+        if isinstance(self.kernel_size, tuple):
+            return [k // 2 for k in self.kernel_size]
+        if self.patch_size is None:
+            raise ValueError("halo needs patch_size (or a kernel_size per axis) to know the number of axes.")
+        return [k // 2 for k in self._sizes(len(self.patch_size))]
 
     @property
     def crop_size(self) -> list[int]:
@@ -158,11 +174,12 @@ class PriorOnDevice(PrepareBatch):
         """
         Args:
             batchdata: the collated batch, ``image`` ``B,channels,*spatial`` and ``label`` ``B,1,*spatial`` of patches
-                enlarged by the halo. ``batchdata[prior_key]`` receives τ ``B,C,*patch`` on ``device``.
+                enlarged by the halo. ``batchdata[prior_key]`` receives τ ``B,C,*patch`` on ``device``, and the image
+                and label keys the cut tensors.
             device, non_blocking, kwargs: as MONAI's ``PrepareBatch`` (``kwargs`` go to ``Tensor.to``).
 
         Returns:
-            ``(image, label)`` on ``device`` with the halo cut off.
+            ``(image, label)`` on ``device`` with the halo cut off (also written back to ``batchdata``).
         """
         for key in (self.image_key, self.label_key):
             if key not in batchdata:
@@ -197,8 +214,11 @@ class PriorOnDevice(PrepareBatch):
             label, self.num_classes, self.kernel, sizes, sigma, self.padding, self.ignore_index, self.dtype
         )
         window = (slice(None), slice(None), *(slice(h, s - h) for s, h in zip(spatial, halo)))
-        batchdata[self.prior_key] = tau[window]
-        return image[window], label[window]
+        # copies, not views: the haloed buffers are freed, and handlers reading the batch see what the loss sees
+        image, label = image[window].contiguous(), label[window].contiguous()
+        batchdata[self.prior_key] = tau[window].contiguous()
+        batchdata[self.image_key], batchdata[self.label_key] = image, label
+        return image, label
 
 
 def _plain(value) -> torch.Tensor:

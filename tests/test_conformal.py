@@ -618,6 +618,9 @@ def test_conformal_fit_handler_bad_arguments():
     for methods in ([], "risk_control", ["masks"], ["risk_control", "risk_control"]):
         with pytest.raises(ValueError, match="methods"):
             ConformalFitHandler(net, C, methods=methods)
+    for key in ("fitted_by", "inferer", "cases"):
+        with pytest.raises(ValueError, match=f"provenance keys \\['{key}'\\] are written by the handler"):
+            ConformalFitHandler(net, C, **{key: "mine"})
 
 
 # -- distributed: every rank's cases gathered, the fit of one process --------------------------------------------

@@ -101,7 +101,8 @@ def test_train_calibrate_evaluate_infer_on_layout_fixture(name, tmp_path):
     assert state["temperature"].shape == (2,) and not torch.equal(state["temperature"], torch.ones(2))
     # both records name the inferer they were fitted through, the one inference uses
     infer_config = json.loads((ROOT / "bundles" / name / "configs" / "inference.json").read_text())
-    expected = f"SlidingWindowInferer(roi_size={tiny['patch_size']}, overlap={infer_config['inferer']['overlap']}"
+    overlap = [infer_config["inferer"]["overlap"]] * 3
+    expected = f"SlidingWindowInferer(roi_size={tiny['patch_size']}, overlap={overlap}, mode=constant"
     for record in (
         read_calibration_record(tmp_path / "models" / "model.pt"),
         read_conformal_record(tmp_path / "models" / "model.pt"),

@@ -20,7 +20,7 @@ def test_local_rank_reads_torchrun_environment(monkeypatch):
     assert local_rank() == 0  # no process group, no LOCAL_RANK
 
 
-@pytest.mark.parametrize("bad", ["-1", "one", "1.5", ""])
+@pytest.mark.parametrize("bad", ["-1", "one", "1.5", "", "\u00b2"])
 def test_local_rank_refuses_a_bad_environment(monkeypatch, bad):
     monkeypatch.setenv("LOCAL_RANK", bad)
     with pytest.raises(ValueError, match="LOCAL_RANK"):
@@ -36,13 +36,21 @@ def test_local_device_on_a_node_without_cuda(monkeypatch):
 def test_local_device_is_the_local_gpu_on_a_second_node(monkeypatch):
     """Global rank 9 of two 8-GPU nodes is local rank 1: cuda:1, not cuda:9."""
     monkeypatch.setenv("LOCAL_RANK", "1")
-    monkeypatch.setenv("RANK", "9")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
     assert local_device() == torch.device("cuda:1")
     monkeypatch.setenv("LOCAL_RANK", "8")
     with pytest.raises(ValueError, match="local rank 8 has no GPU: this node has 8"):
         local_device()
+    # without LOCAL_RANK (a launcher that does not set it): the global rank modulo the node's GPUs
+    monkeypatch.delenv("LOCAL_RANK")
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda: 9)
+    assert local_device() == torch.device("cuda:1")
+    # one visible GPU per process (a scheduler's CUDA_VISIBLE_DEVICES): always cuda:0
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert local_device() == torch.device("cuda:0")
 
 
 def test_multi_gpu_overlays_use_the_local_device():

@@ -63,19 +63,37 @@ def test_axes_beyond_the_input_are_named():
 
 
 def test_describe_inferer_keeps_what_changes_the_probabilities():
-    from monai.inferers import SimpleInferer, SlidingWindowInferer
+    from monai.inferers import SimpleInferer, SlidingWindowInferer, SlidingWindowInfererAdapt
 
     from monai_nacl.inferers import describe_inferer
 
     window = SlidingWindowInferer(roi_size=(40, 56, 40), sw_batch_size=1, overlap=0.25)
-    assert describe_inferer(window) == "SlidingWindowInferer(roi_size=[40, 56, 40], overlap=0.25, mode=constant)"
-    # batch size and device do not change the result: the same description
-    same = SlidingWindowInferer(roi_size=[40, 56, 40], sw_batch_size=8, overlap=0.25, sw_device="cpu")
-    assert describe_inferer(same) == describe_inferer(window)
+    assert describe_inferer(window) == (
+        "SlidingWindowInferer(roi_size=[40, 56, 40], overlap=[0.25, 0.25, 0.25], mode=constant, "
+        "padding_mode=constant, cval=0)"
+    )
+    # what does not change the result, and equivalent spellings, give the same description
+    for same in (
+        SlidingWindowInferer(roi_size=[40, 56, 40], sw_batch_size=8, overlap=(0.25, 0.25, 0.25), sw_device="cpu"),
+        SlidingWindowInfererAdapt(roi_size=[40, 56, 40], overlap=0.25),
+    ):
+        assert describe_inferer(same) == describe_inferer(window)
+    assert describe_inferer(SlidingWindowInferer(64)) == describe_inferer(SlidingWindowInferer([64, 64, 64]))
+    # what changes the probabilities changes the description
+    for other in (
+        SlidingWindowInferer(roi_size=(40, 56, 40), overlap=0.5),
+        SlidingWindowInferer(roi_size=(40, 56, 40), overlap=0.25, mode="gaussian"),
+        SlidingWindowInferer(roi_size=(40, 56, 40), overlap=0.25, padding_mode="replicate"),
+        SlidingWindowInferer(roi_size=(40, 56, 40), overlap=0.25, cval=-1.0),
+        SlidingWindowInferer(roi_size=(40, 48, 40), overlap=0.25),
+        MirrorInferer(window),
+    ):
+        assert describe_inferer(other) != describe_inferer(window), other
     gaussian = SlidingWindowInferer(roi_size=(40, 56, 40), overlap=0.5, mode="gaussian", sigma_scale=0.25)
-    assert describe_inferer(gaussian).endswith("overlap=0.5, mode=gaussian, sigma_scale=0.25)")
+    assert "mode=gaussian, sigma_scale=[0.25, 0.25, 0.25]" in describe_inferer(gaussian)
     mirrored = describe_inferer(MirrorInferer(window))
     assert mirrored == f"MirrorInferer(spatial_axes=[0, 1, 2], {describe_inferer(window)})"
+    assert mirrored == describe_inferer(MirrorInferer(window, spatial_axes=(2, 1, 0)))  # the same flips
     assert describe_inferer(MirrorInferer(spatial_axes=(2,))) == "MirrorInferer(spatial_axes=[2], SimpleInferer())"
     assert describe_inferer(SimpleInferer()) == "SimpleInferer()"
     assert describe_inferer(None) is None and describe_inferer(mirrored) == mirrored

@@ -3,7 +3,6 @@ the whole volume's prior, refused where it cannot be, and wired into every bundl
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -166,4 +165,21 @@ def test_phantom_bundle_trains_with_the_prior_on_the_device(tmp_path):
     trainer.add_event_handler(IterationEvents.FORWARD_COMPLETED, check)
     wf.run()
     assert seen and all(seen)
-    assert json.loads((bundle / "configs" / "prior_on_device.json").read_text())["train#trainer#prepare_batch"]
+    assert wf.parser.get_parsed_content("train#trainer").prepare_batch is wf.parser.get_parsed_content(
+        "train#prior_on_device"
+    )
+
+
+@pytest.mark.parametrize("bundle", BUNDLES, ids=lambda b: b.name)
+def test_overlay_leaves_validation_alone(bundle):
+    """Validation and calibration run on whole volumes: the overlay must not pad or crop them."""
+    from monai.bundle import ConfigParser
+
+    plain, on_device = ConfigParser(), ConfigParser()
+    plain.read_config(str(bundle / "configs" / "train.json"))
+    on_device.read_config([str(bundle / "configs" / n) for n in ("train.json", "prior_on_device.json")])
+    for config in (plain, on_device):
+        config["dataset_dir"] = "/nonexistent"  # nothing is read: only the transforms are built
+    describe = [type(t).__name__ for t in on_device.get_parsed_content("validate#preprocessing").transforms]
+    assert describe == [type(t).__name__ for t in plain.get_parsed_content("validate#preprocessing").transforms]
+    assert "BorderPadd" not in describe

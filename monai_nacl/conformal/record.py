@@ -325,8 +325,8 @@ def warn_if_conformal_stale(path: str | Path, strict: bool = False, inferer: Any
     return report_problems(
         check_conformal_record(path, inferer),
         strict=strict,
-        refusal="the conformal record does not belong to these weights: {problems}. Refit it (calibrate.json) "
-        "after the weights and temperature change.",
+        refusal="the conformal record does not belong to these weights, temperature and inferer: {problems}. Refit "
+        "it (calibrate.json) with the weights, temperature and inferer settings inference uses.",
         consequence="the conformal guarantees do not apply",
         category=StaleConformalWarning,
     )

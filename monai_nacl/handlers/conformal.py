@@ -87,7 +87,8 @@ class ConformalFitHandler:
         provenance: JSON-serialisable facts added to the record (e.g. ``data="validation split"``).
 
     Raises:
-        ValueError: bad ``alphas`` or ``methods``; at ``COMPLETED``, no case seen (on any rank), a temperature that
+        ValueError: bad ``alphas`` or ``methods``; ``provenance`` keys the handler writes itself (``fitted_by``,
+            ``inferer``, ``cases``); at ``COMPLETED``, no case seen (on any rank), a temperature that
             changed during the pass (fitting on probabilities of another temperature would make a stale record), or
             ranks holding different temperatures.
 
@@ -128,6 +129,9 @@ class ConformalFitHandler:
         self.network, self.output_transform = network, output_transform
         self.save_path = None if save_path is None else Path(save_path)
         self.spatial_dims = spatial_dims
+        clash = sorted(set(provenance) & {"fitted_by", "inferer", "cases"})
+        if clash:
+            raise ValueError(f"provenance keys {clash} are written by the handler itself; name them otherwise.")
         self.provenance = provenance
         common = {"num_classes": num_classes, "class_names": class_names, "spatial_dims": spatial_dims}
         self.estimators: dict[str, _Conformal] = {}
@@ -249,12 +253,10 @@ class ConformalFitHandler:
                 fitted,
                 weights_fingerprint=weights_fingerprint(self.network),
                 temperature=now,
-                **{
-                    "fitted_by": "ConformalFitHandler",
-                    "inferer": describe_inferer(getattr(engine, "inferer", None)),
-                    "cases": self.num_cases,
-                    **self.provenance,
-                },
+                fitted_by="ConformalFitHandler",
+                inferer=describe_inferer(getattr(engine, "inferer", None)),
+                cases=self.num_cases,
+                **self.provenance,
             )
 
 

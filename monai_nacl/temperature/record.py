@@ -224,7 +224,10 @@ def inferer_problems(target: Path, what: str, fitted_with: str | None, inferer: 
     used = describe_inferer(inferer)
     if fitted_with is None or used is None or fitted_with == used:
         return []
-    return [f"{target}: {what} fitted on the probabilities of {fitted_with}, inference uses {used}"]
+    return [
+        f"{target}: {what} fitted on the probabilities of {fitted_with}, inference uses {used} (calibrate with the "
+        "inferer settings inference uses, e.g. the same mirror_tta, or infer with the calibrated ones)"
+    ]
 
 
 def warn_if_not_calibrated(
@@ -250,8 +253,9 @@ def warn_if_not_calibrated(
     return report_problems(
         check_calibration_record(path, inferer),
         strict=strict,
-        refusal="the model is not known to be calibrated for its weights: {problems}. Refit the temperature "
-        "(calibrate.json) or, to use it anyway, set require_calibrated to false.",
+        refusal="the model is not known to be calibrated for its weights and this inferer: {problems}. Refit the "
+        "temperature (calibrate.json, with the inferer settings inference uses) or, to use it anyway, set "
+        "require_calibrated to false.",
         consequence="the probabilities may not be calibrated",
         category=StaleTemperatureWarning,
     )
