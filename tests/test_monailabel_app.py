@@ -154,10 +154,27 @@ with open(models / "model.pt", "r+b") as fh:
     fh.truncate()
 os.utime(models / "model.pt", ns=(t, t))
 st = (models / "model.pt").stat()
+# its calibration record says so (a consistent recalibration): the app checks records when it loads a file
+record_file = models / "model.calibration.json"
+record = json.loads(record_file.read_text())
+record["temperature"] = [float(v) for v in new["temperature"].flatten()]
+record_file.write_text(json.dumps(record))
 states["model.pt (rewritten)"] = new
 for k, task in tasks.items():
     out[k].append(served(task, "model.pt"))
 out["same_size_inode_mtime"] = [st.st_size == size, st.st_ino == ino, st.st_mtime_ns == t]
+
+# (c) model_dice_ce.pt's temperature changed without its record: MONAI Label alone serves it, the app refuses it
+stale = load("model_dice_ce.pt")
+stale["temperature"] = stale["temperature"] * 0.5
+torch.save(stale, models / "model_dice_ce.pt")
+out["stale"] = {}
+for k, task in tasks.items():
+    try:
+        task._get_network("cpu", {"model_filename": "model_dice_ce.pt"})
+        out["stale"][k] = "served"
+    except ValueError as e:
+        out["stale"][k] = str(e)
 print("SERVED " + json.dumps(out))
 """
 
@@ -166,7 +183,8 @@ print("SERVED " + json.dumps(out))
 def test_infer_task_serves_the_requested_weights_file(tmp_path):
     """Files of one mtime (zip extraction, ``cp -p``) and a file rewritten with its mtime kept: the app's infer task
     serves each request the weights of the file it names; MONAI Label's own task (cache keyed by mtime only) does
-    not, which shows the scenario is the one that needs the fix."""
+    not, which shows the scenario is the one that needs the fix. A file whose temperature its calibration record
+    does not vouch for is refused by the app (MONAI Label runs no bundle ``initialize``), served by MONAI Label."""
     venv = _monailabel_venv()
     if venv is None:
         pytest.skip(
@@ -176,8 +194,9 @@ def test_infer_task_serves_the_requested_weights_file(tmp_path):
     bundle = tmp_path / HIPPO
     shutil.copytree(BUNDLES / HIPPO / "configs", bundle / "configs")
     (bundle / "models").mkdir()
-    for name in ("model.pt", "model_dice_ce.pt"):
-        shutil.copyfile(BUNDLES / HIPPO / "models" / name, bundle / "models" / name)
+    for name in ("model.pt", "model_dice_ce.pt"):  # with their calibration records, which the app checks
+        for f in (BUNDLES / HIPPO / "models").glob(f"{Path(name).stem}.*"):
+            shutil.copyfile(f, bundle / "models" / f.name)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT)] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
     cmd = [str(venv / "bin" / "python"), "-c", _SERVED_SCRIPT, str(APP), str(bundle)]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path, env=env)
@@ -188,3 +207,7 @@ def test_infer_task_serves_the_requested_weights_file(tmp_path):
     assert served["app"] == ["model.pt", "model_dice_ce.pt", "model.pt", "model.pt (rewritten)"], served
     # MONAI Label alone: model.pt's network for model_dice_ce.pt, and the old weights after the rewrite
     assert served["monailabel"] == ["model.pt", "model.pt", "model.pt", "model.pt"], served
+    # a temperature its record does not vouch for: refused by the app (require_calibrated), naming the record
+    assert served["stale"]["monailabel"] == "served", served
+    refusal = served["stale"]["app"]
+    assert "not known to be calibrated" in refusal and "model_dice_ce.calibration.json: temperature" in refusal

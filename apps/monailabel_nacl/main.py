@@ -77,7 +77,8 @@ class NACLBundleTrainTask(BundleTrainTask):
 class NACLBundleInferTask(BundleInferTask):
     """``BundleInferTask`` whose postprocessing reads the records of the weights it serves: a request's
     ``model_filename`` (e.g. ``model_dice_ce.pt``) sets the bundle's ``weights_file``, so the conformal masks and
-    volume intervals come from that file's record (none: no conformal outputs), never from ``model.pt``'s."""
+    volume intervals come from that file's record (none: no conformal outputs), never from ``model.pt``'s. Each
+    weights file is checked against its calibration record when it is loaded (see ``_check_calibrated``)."""
 
     def pre_transforms(self, data=None):
         # set before the config is parsed for this request: changing it later would rebuild the preprocessing
@@ -113,9 +114,23 @@ class NACLBundleInferTask(BundleInferTask):
         if device in self._networks and keys.get(device) != key:
             logger.warning("Reload model for %s: %s (cached: %s)", device, key, keys.get(device))
             del self._networks[device]
+        if path and keys.get(device) != key:
+            self._check_calibrated(path)
         network = super()._get_network(device, data)
         keys[device] = key
         return network
+
+    def _check_calibrated(self, path: str) -> None:
+        """What the bundle's ``initialize`` does before inference, which MONAI Label does not run: the weights'
+        temperature must have been fitted for them, as their record says, through the inferer this bundle serves
+        with; otherwise the request fails naming the problem (``require_calibrated``, default true) or a warning is
+        logged. Checked once per weights file loaded."""
+        from monai_nacl.temperature import warn_if_not_calibrated
+
+        config = self.bundle_config
+        strict = bool(config.get_parsed_content("require_calibrated")) if "require_calibrated" in config else True
+        inferer = config.get_parsed_content("inferer") if "inferer" in config else None
+        warn_if_not_calibrated(path, strict=strict, inferer=inferer)
 
 
 class NACLBundleApp(MONAILabelApp):
