@@ -407,17 +407,14 @@ def report(out: Path, runs: list[str]) -> None:
 
 def paired_bootstrap(a: list[float], b: list[float], n: int = 10_000, seed: int = 0) -> list[float]:
     """Mean of the per-case differences ``a - b`` and its 95 % percentile bootstrap interval (cases resampled
-    in pairs, so the shared per-case difficulty cancels); cases where either value is not finite are dropped."""
+    in pairs, so the shared per-case difficulty cancels); cases where either value is not finite are dropped. The
+    one-seed case of :func:`seeds_and_cases_bootstrap`."""
     if len(a) != len(b):
         raise ValueError(f"paired bootstrap needs the same cases: {len(a)} values against {len(b)}")
     pairs = torch.tensor([(x, y) for x, y in zip(a, b) if math.isfinite(x) and math.isfinite(y)], dtype=torch.float64)
     if len(pairs) < 2:
         return [float("nan")] * 3
-    diff = pairs[:, 0] - pairs[:, 1]
-    g = torch.Generator().manual_seed(seed)
-    means = diff[torch.randint(len(diff), (n, len(diff)), generator=g)].mean(1)
-    lo, hi = torch.quantile(means, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
-    return [float(diff.mean()), lo, hi]
+    return seeds_and_cases_bootstrap((pairs[:, 0] - pairs[:, 1])[None], n, seed)
 
 
 def bootstrap_against_nacl(out: Path, runs: list[str]) -> list[dict]:

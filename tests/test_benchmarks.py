@@ -201,7 +201,5 @@ def test_seeds_and_cases_bootstrap_with_one_seed_is_the_case_bootstrap():
     diff = torch.tensor([a], dtype=torch.float64) - torch.tensor([b], dtype=torch.float64)
     two_level = module.seeds_and_cases_bootstrap(diff, n=4000, seed=3)
     case_only = module.paired_bootstrap(a, b, n=4000, seed=3)
-    assert two_level[0] == pytest.approx(case_only[0])
-    assert two_level[1] == pytest.approx(case_only[1], abs=0.01) and two_level[2] == pytest.approx(
-        case_only[2], abs=0.01
-    )
+    assert two_level == case_only  # one code path: the per-run tables and the pooled one cannot drift apart
+    assert two_level[1] < two_level[0] < two_level[2]
