@@ -469,8 +469,9 @@ def test_inference_refuses_a_model_not_calibrated_for_its_weights(tmp_path):
 
 @needs_hippocampus
 def test_dynunet_recipe_through_the_gpu_script_on_cpu(tmp_path):
-    """The GPU command's plumbing on CPU: both models with the DynUNet recipe (1 epoch, 4 cases), each saved
-    calibrated for its own weights; then inference with the recipe's network on one test case."""
+    """The GPU command's plumbing on CPU: both models with the DynUNet recipe (1 epoch, 4 cases; the volumes cached
+    and augmented on the training device, device_data.json, as on CUDA), each saved calibrated for its own weights;
+    then inference with the recipe's network on one test case."""
     import subprocess
     import sys
 
@@ -478,9 +479,11 @@ def test_dynunet_recipe_through_the_gpu_script_on_cpu(tmp_path):
 
     out = tmp_path / "gpu"
     cmd = [sys.executable, str(ROOT / "tools" / "gpu_hippocampus.py"), "--out", str(out), "--data", str(HIPPO_DATA)]
-    cmd += ["--device", "cpu", "--epochs", "1", "--cases", "4", "--workers", "0", "--skip-tests"]
+    cmd += ["--device", "cpu", "--epochs", "1", "--cases", "4", "--workers", "0", "--skip-tests", "--device-data"]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert json.loads((out / "train_times.json").read_text())["device_data"] is True
+    assert "device_data.json" in (out / "gpu_hippocampus.log").read_text()
     for model in ("nacl", "dice_ce"):
         weights = out / "final" / model / "models" / "model.pt"
         assert check_calibration_record(weights) == [], model

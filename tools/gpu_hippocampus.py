@@ -8,7 +8,8 @@ happen on CPU from those weights::
 
 Steps: ``nvidia-smi`` and torch facts; a 2-epoch probe of each model to time an epoch; both models (NACL and
 CE+Dice, same seed) trained at the same time with ``train.json + [train_dice_ce.json] + dynunet.json +
-train_dynunet.json``, ``max_epochs`` chosen so both finish within ``--minutes``; the CUDA tests; ``bench_loss``
+train_dynunet.json`` (+ ``device_data.json`` on CUDA: volumes cached and augmented on the GPU, dropped if its
+probe fails), ``max_epochs`` chosen so both finish within ``--minutes``; the CUDA tests; ``bench_loss``
 and ``bench_metrics`` on CUDA; ``prior_cache_memory --device cuda`` (τ of a batch computed on the GPU). Every step
 has a timeout and is logged; a failed step does not stop the next one, and the exit status is non-zero when any
 failed. ``--device cpu --epochs 1 --cases 4`` runs the same
@@ -39,6 +40,8 @@ def log(out: Path, message: str) -> None:
 
 def bundle_command(model: str, run_dir: Path, args: argparse.Namespace, epochs: int, datalist: Path | None) -> list:
     configs = ["train.json", *MODELS[model], "dynunet.json", "train_dynunet.json"]
+    if args.device_data:
+        configs.append("device_data.json")
     files = "[" + ",".join(f"'{BUNDLE / 'configs' / c}'" for c in configs) + "]"
     cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", files, "--bundle_root", str(BUNDLE)]
     cmd += ["--meta_file", str(BUNDLE / "configs" / "metadata.json"), "--dataset_dir", str(args.data)]
@@ -74,7 +77,11 @@ def train_both(out: Path, tag: str, args: argparse.Namespace, epochs: int, datal
         run_dir = out / tag / model
         run_dir.mkdir(parents=True, exist_ok=True)
         cmd = bundle_command(model, run_dir, args, epochs, datalist)
-        log(out, f"{tag}/{model}: {epochs} epochs")
+        configs = cmd[cmd.index("--config_file") + 1]
+        log(
+            out,
+            f"{tag}/{model}: {epochs} epochs, {', '.join(Path(c.strip(chr(39))).name for c in configs[1:-1].split(','))}",
+        )
         procs[model] = (subprocess.Popen(cmd, stdout=open(run_dir / "train.log", "w"), stderr=subprocess.STDOUT,
                                          cwd=ROOT), time.time())  # fmt: skip
     times = {}
@@ -101,6 +108,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workers", type=int, default=6)
     ap.add_argument("--val-interval", type=int, default=None)
     ap.add_argument("--skip-tests", action="store_true", help="skip the CUDA tests and benchmarks")
+    ap.add_argument(
+        "--device-data",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="cache the training volumes on the device and augment there (device_data.json); default: on for cuda. "
+        "If the timing probe fails with it, the script retries without it.",
+    )
     args = ap.parse_args(argv)
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -127,8 +141,14 @@ def main(argv: list[str] | None = None) -> int:
     failed = []
     budget = args.minutes * 60
     epochs = args.epochs
+    if args.device_data is None:
+        args.device_data = args.device.startswith("cuda")
     if epochs is None:
         probe = train_both(out, "probe", args, 2, datalist, timeout=budget / 2)
+        if None in probe.values() and args.device_data:
+            log(out, "probe failed with device_data.json; probing again with the volumes on the CPU")
+            args.device_data = False
+            probe = train_both(out, "probe_cpu_data", args, 2, datalist, timeout=budget / 2)
         if None in probe.values():
             failed.append("probe")
             epochs = 0
@@ -139,7 +159,9 @@ def main(argv: list[str] | None = None) -> int:
     if epochs:
         times = train_both(out, "final", args, epochs, datalist, timeout=budget * 2)
         failed += [f"final/{m}" for m, t in times.items() if t is None]
-        (out / "train_times.json").write_text(json.dumps({"epochs": epochs, "seconds": times}, indent=4))
+        (out / "train_times.json").write_text(
+            json.dumps({"epochs": epochs, "seconds": times, "device_data": args.device_data}, indent=4)
+        )
 
     if not args.skip_tests:
         py = sys.executable
