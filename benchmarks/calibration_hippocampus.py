@@ -28,6 +28,7 @@ import io
 import json
 import math
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -136,6 +137,7 @@ BOOTSTRAP_KEYS = ("dice_mean", "ece_fg", "cece_fg", "ace_monai", "nll_fg")
 # `--adaptive-pilot nacl_mean_s123`: penalty [5.424, 0.364, 0.372] (background, anterior, posterior), mean 2.053
 ADAPTIVE_MARGIN = {"penalty": 2.05, "class_ece": 0.0016}
 ADAPTIVE_STATISTIC = {"nacl_adaptive": "penalty", "nacl_adaptive_ece": "class_ece"}
+ADAPTIVE_START_WEIGHT = _nacl()["loss"]["alpha"]  # every class's weight before the first round
 
 
 def adaptive_settings(method: str) -> dict:
@@ -396,6 +398,7 @@ def report(out: Path, runs: list[str]) -> None:
     _write_atomic(out / "results.json", json.dumps(rows, indent=1))
     _figures(out, sorted({r["run"] for r in rows}))
     _summary_figures(out, rows)
+    _adaptive_figure(out, sorted({r["run"] for r in rows}))
     comparisons = bootstrap_against_nacl(out, runs)
     _write_atomic(out / "bootstrap.json", json.dumps(comparisons, indent=1))
     pooled = pooled_against_nacl(out, runs)
@@ -654,6 +657,70 @@ def _figures(out: Path, runs: list[str]) -> None:
                 plot_reliability(stats, png, class_names=CLASS_NAMES, title=title)
 
 
+_ROUND = re.compile(
+    r"ClassAdaptivePenalty round (\d+) \((\w+)\): statistic \[([^\]]*)\], margin \[([^\]]*)\] -> "
+    r"penalty_weight \[([^\]]*)\]"
+)
+
+
+def adaptive_rounds(log: Path) -> list[dict]:
+    """The multiplier rounds of a class-adaptive run, from its ``train.log``: one ``{"round", "statistic_name",
+    "statistic", "margin", "weight"}`` per validation round (the lists per class), in order. A resumed run logs the
+    rounds after its checkpoint again; the last entry of each round number is kept."""
+    rounds: dict[int, dict] = {}
+    for line in log.read_text(errors="replace").splitlines():
+        match = _ROUND.search(line)
+        if match:
+            k, name, stat, margin, weight = match.groups()
+            floats = [[float(v) for v in part.split(",")] for part in (stat, margin, weight)]
+            rounds[int(k)] = {"round": int(k), "statistic_name": name, "statistic": floats[0], "margin": floats[1]}
+            rounds[int(k)]["weight"] = floats[2]
+    return [rounds[k] for k in sorted(rounds)]
+
+
+def _adaptive_figure(out: Path, runs: list[str]) -> None:
+    """Per-class weights and constrained statistic over the validation rounds of every class-adaptive run."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    logs = {r: out / "runs" / r / "train.log" for r in runs if parse_run(r)[0] in ADAPTIVE_STATISTIC}
+    traces = {r: adaptive_rounds(log) for r, log in logs.items() if log.is_file()}
+    traces = {r: t for r, t in traces.items() if t}
+    if not traces:
+        return
+    methods = sorted({parse_run(r)[0] for r in traces})
+    fig, axes = plt.subplots(2, len(methods), figsize=(5.5 * len(methods), 7), squeeze=False, sharex=True)
+    styles = ["-", "--", ":", "-."]
+    for col, method in enumerate(methods):
+        runs_of = sorted(r for r in traces if parse_run(r)[0] == method)
+        for i, run in enumerate(runs_of):
+            rounds = traces[run]
+            x = [0] + [t["round"] for t in rounds]
+            start = ADAPTIVE_START_WEIGHT
+            for c, name in enumerate(CLASS_NAMES):
+                colour = plt.get_cmap("tab10")(c)
+                label = f"{name}, seed {parse_run(run)[1]}"
+                axes[0, col].plot(
+                    x, [start] + [t["weight"][c] for t in rounds], styles[i % 4], color=colour, label=label
+                )
+                axes[1, col].plot(x[1:], [t["statistic"][c] for t in rounds], styles[i % 4], color=colour)
+            axes[1, col].axhline(rounds[0]["margin"][0], color="black", lw=0.8, ls="--")
+        axes[0, col].set(title=METHODS[method][0], ylabel="penalty weight λ_c")
+        axes[1, col].set(
+            xlabel="validation round (5 epochs each)", ylabel=f"{rounds[0]['statistic_name']} (dashed: margin)"
+        )
+        axes[0, col].legend(fontsize=7)
+        for ax in axes[:, col]:
+            ax.grid(alpha=0.3)
+    fig.suptitle("Class-adaptive NACL: the multipliers and what they constrain, per validation round")
+    fig.tight_layout()
+    (out / "figures").mkdir(parents=True, exist_ok=True)
+    fig.savefig(out / "figures" / "adaptive_rounds.png", dpi=90)
+    plt.close(fig)
+
+
 def _summary_figures(out: Path, rows: list[dict]) -> None:
     """Dice against foreground ECE, one point per run (seeds of a method share a colour), at T = 1 and two T;
     reliability diagrams of every method side by side (first seed), T = 1 and two T, equal-width and adaptive."""
@@ -789,7 +856,7 @@ def publish(out: Path) -> None:
     for name in ("results.csv", "results.json", "bootstrap.json", "bootstrap_pooled.json"):
         shutil.copyfile(out / name, PUBLISH_DIR / f"hippocampus_protocol2_{name}")
     for png in sorted((out / "figures").glob("*.png")):
-        if png.name.startswith(("dice_vs_ece", "reliability_methods_")):
+        if png.name.startswith(("dice_vs_ece", "reliability_methods_", "adaptive_rounds")):
             shutil.copyfile(png, PUBLISH_FIGURES / png.name)
     print(f"published to {PUBLISH_DIR} and {PUBLISH_FIGURES}")
 

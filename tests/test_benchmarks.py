@@ -203,3 +203,28 @@ def test_seeds_and_cases_bootstrap_with_one_seed_is_the_case_bootstrap():
     case_only = module.paired_bootstrap(a, b, n=4000, seed=3)
     assert two_level == case_only  # one code path: the per-run tables and the pooled one cannot drift apart
     assert two_level[1] < two_level[0] < two_level[2]
+
+
+def test_adaptive_rounds_are_read_from_the_training_log(tmp_path):
+    """The multiplier rounds as ClassAdaptivePenalty logs them; a resumed run's repeated round keeps its last entry."""
+    module = _evidence_module()
+    prefix = "2026-11-29 01:03:10,513 - monai_nacl.handlers.adaptive_penalty - INFO - ClassAdaptivePenalty round"
+    log = tmp_path / "train.log"
+    log.write_text(
+        f"{prefix} 1 (penalty): statistic [3.5, 1.7, 1.8], margin [2.05, 2.05, 2.05] -> penalty_weight [0.17, 0.08, 0.09]\n"
+        "2026-11-29 01:03:10,513 - INFO - Epoch[5] Metrics -- adaptive_penalty_lambda_0: 0.1691\n"
+        f"{prefix} 2 (penalty): statistic [3.0, 1.8, 1.8], margin [2.05, 2.05, 2.05] -> penalty_weight [0.2, 0.07, 0.07]\n"
+        f"{prefix} 2 (penalty): statistic [3.1, 1.8, 1.8], margin [2.05, 2.05, 2.05] -> penalty_weight [0.21, 0.07, 0.07]\n"
+    )
+    rounds = module.adaptive_rounds(log)
+    assert [r["round"] for r in rounds] == [1, 2]
+    assert rounds[0] == {
+        "round": 1,
+        "statistic_name": "penalty",
+        "statistic": [3.5, 1.7, 1.8],
+        "margin": [2.05, 2.05, 2.05],
+        "weight": [0.17, 0.08, 0.09],
+    }
+    assert rounds[1]["weight"] == [0.21, 0.07, 0.07]  # the resumed run's entry
+    module._adaptive_figure(tmp_path, [])  # no class-adaptive run: nothing drawn, no error
+    assert not (tmp_path / "figures" / "adaptive_rounds.png").exists()
