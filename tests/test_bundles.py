@@ -519,3 +519,27 @@ def test_dynunet_mirror_tta_option(tta):
         assert inferer.spatial_axes == (0, 1, 2)
     else:
         assert isinstance(inferer, SlidingWindowInferer) and inferer.mode == "gaussian"
+
+
+def test_gpu_script_plans_epochs_from_the_probe_log(tmp_path):
+    """Start-up (caching, network build) is paid once, validation every val_interval epochs and at the end: the
+    plan reads both from the probe's log instead of dividing its wall time by its epochs."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_hippocampus_under_test", ROOT / "tools" / "gpu_hippocampus.py")
+    gpu = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu)
+    prefix = "2026-11-29 00:35:50,473 - ignite.engine.engine"
+    log = tmp_path / "train.log"
+    log.write_text(
+        f"{prefix}.SupervisedTrainer - INFO - Epoch[1] Complete. Time taken: 00:00:04.000\n"
+        f"{prefix}.SupervisedEvaluator - INFO - Epoch[2] Complete. Time taken: 00:00:10.000\n"
+        f"{prefix}.SupervisedEvaluator - INFO - Engine run finished. Time taken: 00:00:10.000\n"
+        f"{prefix}.SupervisedTrainer - INFO - Epoch[2] Complete. Time taken: 00:00:15.000\n"
+    )
+    interval = json.loads((HIPPO_BUNDLE / "configs" / "train_dynunet.json").read_text())["val_interval"]
+    startup, validation, per_epoch = 79.0 - 19.0, 10.0, 4.0 + 10.0 / interval
+    assert gpu.planned_epochs(log, 79.0, 480) == int((480 - startup - validation) / per_epoch)
+    # no epoch times in the log: wall time per probed epoch, clipped to at least 10 epochs
+    assert gpu.planned_epochs(tmp_path / "missing.log", 79.0, 480) == 10
+    assert gpu.planned_epochs(log, 79.0, 1e9) == 1000

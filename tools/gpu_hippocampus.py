@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -97,6 +98,37 @@ def train_both(out: Path, tag: str, args: argparse.Namespace, epochs: int, datal
     return times
 
 
+_TIME_TAKEN = re.compile(
+    r"(SupervisedTrainer|SupervisedEvaluator) - INFO - (Epoch\[\d+\] Complete|Engine run finished)\. "
+    r"Time taken: (\d+):(\d+):([\d.]+)"
+)
+
+
+def planned_epochs(train_log: Path, probe_seconds: float, budget: float, epochs_probed: int = 2) -> int:
+    """How many epochs of a model fit in ``budget`` seconds, from its probe run: the first training epoch's time
+    (no validation in it), one validation's time every ``val_interval`` epochs and once at the end, and the start-up
+    (caching the volumes, building the network: the probe's wall time less its epochs) once. Falls back to the
+    probe's wall time per probed epoch (an overestimate: start-up included) when the log has no epoch times.
+    Clipped to [10, 1000]."""
+    train_epochs, validations = [], []
+    text = train_log.read_text(errors="replace") if train_log.is_file() else ""
+    for engine, what, h, m, sec in _TIME_TAKEN.findall(text):
+        seconds = int(h) * 3600 + int(m) * 60 + float(sec)
+        if engine == "SupervisedTrainer" and what.startswith("Epoch"):
+            train_epochs.append(seconds)
+        elif engine == "SupervisedEvaluator" and what.startswith("Engine"):
+            validations.append(seconds)
+    if len(train_epochs) < epochs_probed:
+        estimate = (budget - probe_seconds) / (probe_seconds / epochs_probed)
+    else:
+        interval = json.loads((BUNDLE / "configs" / "train_dynunet.json").read_text()).get("val_interval", 1)
+        validation = max(validations, default=0.0)
+        startup = max(0.0, probe_seconds - sum(train_epochs))
+        per_epoch = train_epochs[0] + validation / max(1, int(interval))
+        estimate = (budget - startup - validation) / per_epoch
+    return int(max(10, min(1000, estimate)))
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "runs/gpu")))
@@ -144,18 +176,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.device_data is None:
         args.device_data = args.device.startswith("cuda")
     if epochs is None:
-        probe = train_both(out, "probe", args, 2, datalist, timeout=budget / 2)
+        tag = "probe"
+        probe = train_both(out, tag, args, 2, datalist, timeout=budget / 2)
         if None in probe.values() and args.device_data:
             log(out, "probe failed with device_data.json; probing again with the volumes on the CPU")
-            args.device_data = False
-            probe = train_both(out, "probe_cpu_data", args, 2, datalist, timeout=budget / 2)
+            args.device_data, tag = False, "probe_cpu_data"
+            probe = train_both(out, tag, args, 2, datalist, timeout=budget / 2)
         if None in probe.values():
             failed.append("probe")
             epochs = 0
         else:
-            per_epoch = max(probe.values()) / 2  # an upper bound: includes start-up and two validations
-            epochs = int(max(10, min(1000, (budget - max(probe.values())) / per_epoch)))
-            log(out, f"probe: {per_epoch:.1f} s per epoch for the slower model -> {epochs} epochs")
+            epochs = min(planned_epochs(out / tag / m / "train.log", probe[m], budget) for m in MODELS)
+            log(out, f"probe: {epochs} epochs fit in {budget:.0f} s for the slower model")
     if epochs:
         times = train_both(out, "final", args, epochs, datalist, timeout=budget * 2)
         failed += [f"final/{m}" for m, t in times.items() if t is None]
