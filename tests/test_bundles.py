@@ -521,7 +521,7 @@ def test_dynunet_mirror_tta_option(tta):
         assert isinstance(inferer, SlidingWindowInferer) and inferer.mode == "gaussian"
 
 
-def test_gpu_script_plans_epochs_from_the_probe_log(tmp_path):
+def test_gpu_script_plans_its_time(tmp_path):
     """Start-up (caching, network build) is paid once, validation every val_interval epochs and at the end: the
     plan reads both from the probe's log instead of dividing its wall time by its epochs."""
     import importlib.util
@@ -543,3 +543,8 @@ def test_gpu_script_plans_epochs_from_the_probe_log(tmp_path):
     # no epoch times in the log: wall time per probed epoch, clipped to at least 10 epochs
     assert gpu.planned_epochs(tmp_path / "missing.log", 79.0, 480) == 10
     assert gpu.planned_epochs(log, 79.0, 1e9) == 1000
+    # the CUDA checks share one budget: once it is spent, the remaining steps are skipped and reported, not run
+    out = tmp_path / "out"
+    out.mkdir()
+    assert gpu.cuda_checks(out, budget=0) == ["cuda_tests", "bench_loss", "bench_metrics", "prior_cache_memory"]
+    assert "prior_cache_memory: skipped" in (out / "gpu_hippocampus.log").read_text()

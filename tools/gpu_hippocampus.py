@@ -1,19 +1,25 @@
-"""Train both Hippocampus models with the DynUNet recipe on one GPU, then run the CUDA tests and benchmarks.
+"""Run the CUDA tests and benchmarks, then train both Hippocampus models with the DynUNet recipe, on one GPU.
 
 One prepared command for a session that has a GPU (H100/H200) for a few minutes; everything it makes goes to
 ``--out`` (weights, logs, timings, test and benchmark output), and calibration, evaluation and shipping then
-happen on CPU from those weights::
+happen on CPU from those weights. The defaults fit the device's 10-minute command limit (about 9.3 minutes and
+the start-up)::
 
-    python tools/gpu_hippocampus.py --out $OUT --data ../shared/data/hippocampus --minutes 8
+    python tools/gpu_hippocampus.py --out $OUT --data ../shared/data/hippocampus
 
-Steps: ``nvidia-smi`` and torch facts; a 2-epoch probe of each model to time an epoch; both models (NACL and
-CE+Dice, same seed) trained at the same time with ``train.json + [train_dice_ce.json] + dynunet.json +
-train_dynunet.json`` (+ ``device_data.json`` on CUDA: volumes cached and augmented on the GPU, dropped if its
-probe fails), ``max_epochs`` chosen so both finish within ``--minutes``; the CUDA tests; ``bench_loss``
-and ``bench_metrics`` on CUDA; ``prior_cache_memory --device cuda`` (τ of a batch computed on the GPU). Every step
-has a timeout and is logged; a failed step does not stop the next one, and the exit status is non-zero when any
-failed. ``--device cpu --epochs 1 --cases 4`` runs the same
-plumbing on CPU in about a minute (what ``tests/test_bundles.py`` does).
+Steps:
+
+1. ``nvidia-smi`` and torch facts.
+2. Within ``--test-minutes`` in all (first, so a slow step cannot eat the training time): the CUDA tests,
+   ``bench_loss`` and ``bench_metrics`` on CUDA, ``prior_cache_memory --device cuda`` (τ of a batch on the GPU).
+3. Within ``--minutes`` in all: a 2-epoch probe of each model, then both models (NACL and CE+Dice, same seed)
+   trained at the same time with ``train.json + [train_dice_ce.json] + dynunet.json + train_dynunet.json``
+   (+ ``device_data.json`` on CUDA: volumes cached and augmented on the GPU, dropped if its probe fails), with
+   ``max_epochs`` planned from the probe's epoch, validation and start-up times to fill what is left.
+
+Every step has a timeout and is logged; a failed step does not stop the next one, and the exit status is non-zero
+when any failed. ``--device cpu --epochs 1 --cases 4 --skip-tests`` runs the same plumbing on CPU in about a minute
+(what ``tests/test_bundles.py`` does).
 """
 
 from __future__ import annotations
@@ -129,11 +135,42 @@ def planned_epochs(train_log: Path, probe_seconds: float, budget: float, epochs_
     return int(max(10, min(1000, estimate)))
 
 
+def cuda_checks(out: Path, budget: float) -> list[str]:
+    """The CUDA tests, ``bench_loss``, ``bench_metrics`` and ``prior_cache_memory --device cuda``, one after the
+    other within ``budget`` seconds in all (a step gets what is left; once nothing is, the rest are skipped). Returns
+    the names of the steps that failed, timed out or were skipped."""
+    py = sys.executable
+    steps = {
+        "cuda_tests": [py, "-m", "pytest", "tests/test_nacl_loss.py", "tests/test_transforms.py", "-k", "cuda"]
+        + ["-p", "no:xdist", "-q"],
+        "bench_loss": [py, "benchmarks/bench_loss.py"],
+        "bench_metrics": [py, "benchmarks/bench_metrics.py"],
+        "prior_cache_memory": [py, "benchmarks/prior_cache_memory.py", "--device", "cuda"],
+    }
+    failed, deadline = [], time.time() + budget
+    for name, cmd in steps.items():
+        left = deadline - time.time()
+        if left < 5:
+            log(out, f"{name}: skipped, the checks' {budget:.0f} s are spent")
+            failed.append(name)
+        elif not run_step(out, name, cmd, left):
+            failed.append(name)
+    return failed
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "runs/gpu")))
     ap.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "hippocampus")
-    ap.add_argument("--minutes", type=float, default=8.0, help="wall-clock budget for training both models")
+    ap.add_argument(
+        "--minutes", type=float, default=7.5, help="wall-clock budget for training both models, timing probe included"
+    )
+    ap.add_argument(
+        "--test-minutes",
+        type=float,
+        default=1.5,
+        help="wall-clock budget for the CUDA tests and benchmarks (run first)",
+    )
     ap.add_argument("--epochs", type=int, default=None, help="fixed epochs (skips the timing probe)")
     ap.add_argument("--cases", type=int, default=None, help="use only this many training cases (plumbing checks)")
     ap.add_argument("--device", default="cuda")
@@ -171,7 +208,11 @@ def main(argv: list[str] | None = None) -> int:
         datalist.write_text(json.dumps(full, indent=4))
 
     failed = []
-    budget = args.minutes * 60
+    if not args.skip_tests:  # first, and within their own budget: training gets the rest of the command's time
+        failed += cuda_checks(out, args.test_minutes * 60)
+
+    budget = args.minutes * 60  # the probe and the final training together
+    started = time.time()
     epochs = args.epochs
     if args.device_data is None:
         args.device_data = args.device.startswith("cuda")
@@ -186,25 +227,16 @@ def main(argv: list[str] | None = None) -> int:
             failed.append("probe")
             epochs = 0
         else:
-            epochs = min(planned_epochs(out / tag / m / "train.log", probe[m], budget) for m in MODELS)
-            log(out, f"probe: {epochs} epochs fit in {budget:.0f} s for the slower model")
+            left = budget - (time.time() - started)
+            epochs = min(planned_epochs(out / tag / m / "train.log", probe[m], left) for m in MODELS)
+            log(out, f"probe: {epochs} epochs fit in the {left:.0f} s left for the slower model")
     if epochs:
-        times = train_both(out, "final", args, epochs, datalist, timeout=budget * 2)
+        left = budget - (time.time() - started) if args.epochs is None else budget
+        times = train_both(out, "final", args, epochs, datalist, timeout=max(60.0, left) + 60)
         failed += [f"final/{m}" for m, t in times.items() if t is None]
         (out / "train_times.json").write_text(
             json.dumps({"epochs": epochs, "seconds": times, "device_data": args.device_data}, indent=4)
         )
-
-    if not args.skip_tests:
-        py = sys.executable
-        tests = ["tests/test_nacl_loss.py", "tests/test_transforms.py", "-k", "cuda", "-p", "no:xdist", "-q"]
-        if not run_step(out, "cuda_tests", [py, "-m", "pytest", *tests], 600):
-            failed.append("cuda_tests")
-        for bench in ("bench_loss", "bench_metrics"):
-            if not run_step(out, bench, [py, f"benchmarks/{bench}.py"], 600):
-                failed.append(bench)
-        if not run_step(out, "prior_cache_memory", [py, "benchmarks/prior_cache_memory.py", "--device", "cuda"], 300):
-            failed.append("prior_cache_memory")
     log(out, f"done; failed steps: {failed or 'none'}")
     return 1 if failed else 0
 
