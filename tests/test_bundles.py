@@ -480,9 +480,23 @@ def test_dynunet_recipe_through_the_gpu_script_on_cpu(tmp_path):
     out = tmp_path / "gpu"
     cmd = [sys.executable, str(ROOT / "tools" / "gpu_hippocampus.py"), "--out", str(out), "--data", str(HIPPO_DATA)]
     cmd += ["--device", "cpu", "--epochs", "1", "--cases", "4", "--workers", "0", "--skip-tests", "--device-data"]
+    cmd += ["--pack", str(tmp_path / "back")]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert json.loads((out / "train_times.json").read_text())["device_data"] is True
+    # what a device call can bring back: at most 8 files, the final weights and one archive of logs and records
+    import tarfile
+
+    back = sorted(p.name for p in (tmp_path / "back").iterdir())
+    assert back == ["gpu_run.tar.gz", "model_dice_ce.pt", "model_nacl.pt"]
+    for model in ("nacl", "dice_ce"):
+        packed = torch.load(tmp_path / "back" / f"model_{model}.pt", weights_only=True)
+        shipped = torch.load(out / "final" / model / "models" / "model.pt", weights_only=True)
+        assert packed.keys() == shipped.keys() and all(torch.equal(packed[k], shipped[k]) for k in packed)
+    with tarfile.open(tmp_path / "back" / "gpu_run.tar.gz") as tar:
+        names = tar.getnames()
+    assert "gpu_hippocampus.log" in names and "final/nacl/models/model.calibration.json" in names
+    assert not any(n.endswith(".pt") for n in names)
     assert "device_data.json" in (out / "gpu_hippocampus.log").read_text()
     for model in ("nacl", "dice_ce"):
         weights = out / "final" / model / "models" / "model.pt"
@@ -548,3 +562,26 @@ def test_gpu_script_plans_its_time(tmp_path):
     out.mkdir()
     assert gpu.cuda_checks(out, budget=0) == ["cuda_tests", "bench_loss", "bench_metrics", "prior_cache_memory"]
     assert "prior_cache_memory: skipped" in (out / "gpu_hippocampus.log").read_text()
+
+
+def test_device_run_preparation(tmp_path):
+    """The device call's command fits the tool's limit, and the data copy holds the dataset (no download here)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("prepare_device_run", ROOT / "tools" / "prepare_device_run.py")
+    prep = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(prep)
+    assert len(prep.COMMAND) <= 2000 and prep.TIMEOUT_S <= 600
+    assert "--pack $OUT" in prep.COMMAND and ".device/whl/*.whl" in prep.COMMAND
+    src = tmp_path / "src"
+    (src / "imagesTr").mkdir(parents=True)
+    (src / "labelsTr").mkdir()
+    (src / "dataset.json").write_text("{}")
+    (src / "imagesTr" / "hippocampus_001.nii.gz").write_bytes(b"x")
+    prep.copy_data(src, tmp_path / "dest")
+    assert sorted(str(p.relative_to(tmp_path / "dest")) for p in (tmp_path / "dest").rglob("*") if p.is_file()) == [
+        "dataset.json",
+        "imagesTr/hippocampus_001.nii.gz",
+    ]
+    with pytest.raises(SystemExit, match="no MSD Task04 dataset.json"):
+        prep.copy_data(tmp_path / "nowhere", tmp_path / "dest2")

@@ -2,8 +2,8 @@
 
 One prepared command for a session that has a GPU (H100/H200) for a few minutes; everything it makes goes to
 ``--out`` (weights, logs, timings, test and benchmark output), and calibration, evaluation and shipping then
-happen on CPU from those weights. The defaults fit the device's 10-minute command limit (about 9.3 minutes and
-the start-up)::
+happen on CPU from those weights. The defaults (1.5 minutes of checks, 7 of training) fit the device's 10-minute
+command limit with the wheels' installation; ``tools/prepare_device_run.py`` prepares and prints the whole call::
 
     python tools/gpu_hippocampus.py --out $OUT --data ../shared/data/hippocampus
 
@@ -28,6 +28,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -158,12 +159,34 @@ def cuda_checks(out: Path, budget: float) -> list[str]:
     return failed
 
 
+def pack(out: Path, dest: Path) -> list[Path]:
+    """What a device call can bring back (at most 8 files, 16 MiB each, two folders deep): the final weights of each
+    model as ``model_<model>.pt`` and one ``gpu_run.tar.gz`` of everything else under ``out`` but weights and
+    checkpoints (logs, timings, facts, calibration records, TensorBoard events, benchmark output)."""
+    import tarfile
+
+    dest.mkdir(parents=True, exist_ok=True)
+    written = []
+    for model in MODELS:
+        weights = out / "final" / model / "models" / "model.pt"
+        if weights.is_file():
+            written.append(Path(shutil.copyfile(weights, dest / f"model_{model}.pt")))
+    archive = dest / "gpu_run.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        for f in sorted(out.rglob("*")):
+            if f.is_file() and f.suffix != ".pt" and dest not in f.parents:
+                tar.add(f, arcname=str(f.relative_to(out)))
+    written.append(archive)
+    log(out, f"packed into {dest}: {', '.join(f'{w.name} ({w.stat().st_size / 2**20:.1f} MiB)' for w in written)}")
+    return written
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "runs/gpu")))
     ap.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "hippocampus")
     ap.add_argument(
-        "--minutes", type=float, default=7.5, help="wall-clock budget for training both models, timing probe included"
+        "--minutes", type=float, default=7.0, help="wall-clock budget for training both models, timing probe included"
     )
     ap.add_argument(
         "--test-minutes",
@@ -177,6 +200,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workers", type=int, default=6)
     ap.add_argument("--val-interval", type=int, default=None)
     ap.add_argument("--skip-tests", action="store_true", help="skip the CUDA tests and benchmarks")
+    ap.add_argument(
+        "--pack",
+        type=Path,
+        default=None,
+        help="also write what a device call brings back into this folder (its $OUT): the final weights and one "
+        "archive of the rest (tools/prepare_device_run.py prints the whole call)",
+    )
     ap.add_argument(
         "--device-data",
         action=argparse.BooleanOptionalAction,
@@ -232,12 +262,14 @@ def main(argv: list[str] | None = None) -> int:
             log(out, f"probe: {epochs} epochs fit in the {left:.0f} s left for the slower model")
     if epochs:
         left = budget - (time.time() - started) if args.epochs is None else budget
-        times = train_both(out, "final", args, epochs, datalist, timeout=max(60.0, left) + 60)
+        times = train_both(out, "final", args, epochs, datalist, timeout=max(60.0, left) + 30)
         failed += [f"final/{m}" for m, t in times.items() if t is None]
         (out / "train_times.json").write_text(
             json.dumps({"epochs": epochs, "seconds": times, "device_data": args.device_data}, indent=4)
         )
     log(out, f"done; failed steps: {failed or 'none'}")
+    if args.pack is not None:
+        pack(out, args.pack)
     return 1 if failed else 0
 
 
