@@ -54,6 +54,7 @@ def plan_dynunet(
     max_patch_voxels: int = 128**3,
     min_feature_size: int = 4,
     max_levels: int = 6,
+    max_filters: int = 320,
 ) -> dict:
     """The ``DynUNet`` arguments and patch size for data of this median spacing and shape (at that spacing).
 
@@ -63,13 +64,17 @@ def plan_dynunet(
         max_patch_voxels: budget for the patch (the largest axis shrinks until it fits).
         min_feature_size: an axis is not downsampled below this many voxels.
         max_levels: most resolution levels (the first at full resolution).
+        max_filters: most feature maps at any level (nnU-Net's 3D cap is 320; a lower cap keeps the weights small).
 
     Returns:
-        ``{"target_spacing", "patch_size", "kernel_size", "strides", "upsample_kernel_size", "filters"}``.
+        ``{"target_spacing", "patch_size", "kernel_size", "strides", "upsample_kernel_size", "filters",
+        "max_filters"}``.
 
     Raises:
-        ValueError: lengths differ, or a non-positive spacing or shape.
+        ValueError: lengths differ, a non-positive spacing or shape, or ``max_filters`` below 1.
     """
+    if isinstance(max_filters, bool) or int(max_filters) != max_filters or max_filters < 1:
+        raise ValueError(f"max_filters must be a positive integer, got {max_filters!r}.")
     spacing = [float(s) for s in spacing]
     shape = [float(s) for s in median_shape]
     if len(spacing) != len(shape) or not spacing:
@@ -107,7 +112,8 @@ def plan_dynunet(
         "kernel_size": kernels,
         "strides": strides,
         "upsample_kernel_size": strides[1:],
-        "filters": list(FILTERS[: len(strides)]),
+        "filters": [min(f, int(max_filters)) for f in FILTERS[: len(strides)]],
+        "max_filters": int(max_filters),
     }
 
 
@@ -118,9 +124,12 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("datalist", help="datalist JSON (its 'training' split is fingerprinted)")
     ap.add_argument("dataset_dir", help="folder the datalist's relative paths start from")
     ap.add_argument("--max-patch-voxels", type=int, default=128**3)
+    ap.add_argument("--max-filters", type=int, default=320, help="most feature maps at any level")
     args = ap.parse_args(argv)
     fingerprint = dataset_fingerprint(load_datalist(args.datalist, args.dataset_dir)["training"])
-    plan = plan_dynunet(fingerprint["median_spacing"], fingerprint["median_shape"], args.max_patch_voxels)
+    plan = plan_dynunet(
+        fingerprint["median_spacing"], fingerprint["median_shape"], args.max_patch_voxels, max_filters=args.max_filters
+    )
     print(json.dumps({"fingerprint": fingerprint, "plan": plan}, indent=4))
     return plan
 

@@ -22,7 +22,10 @@ def test_isotropic_plan():
     assert plan["patch_size"] == [40, 56, 40]  # the median image, rounded up to the total stride 8
     assert plan["strides"] == [[1, 1, 1]] + [[2, 2, 2]] * 3
     assert plan["kernel_size"] == [[3, 3, 3]] * 4 and plan["upsample_kernel_size"] == plan["strides"][1:]
-    assert plan["filters"] == [32, 64, 128, 256]
+    assert plan["filters"] == [32, 64, 128, 256] and plan["max_filters"] == 320
+    assert plan_dynunet([1.0, 1.0, 1.0], [35, 50, 36], max_filters=192)["filters"] == [32, 64, 128, 192]
+    with pytest.raises(ValueError, match="max_filters"):
+        plan_dynunet([1.0, 1.0, 1.0], [35, 50, 36], max_filters=0)
 
 
 def test_anisotropic_plan_keeps_the_coarse_axis_until_it_catches_up():
@@ -58,7 +61,9 @@ def test_the_shipped_recipe_is_the_plan_of_its_training_data():
     fingerprint = dataset_fingerprint(training)
     assert fingerprint["cases"] == 140 and fingerprint["median_spacing"] == [1.0, 1.0, 1.0]
     stored = json.loads((HIPPO_BUNDLE / "configs" / "dynunet.json").read_text())["plan"]
-    assert stored == plan_dynunet(fingerprint["median_spacing"], fingerprint["median_shape"])
+    assert stored == plan_dynunet(
+        fingerprint["median_spacing"], fingerprint["median_shape"], max_filters=stored["max_filters"]
+    )
 
 
 def test_deep_supervision_loss_weights_every_head_with_the_prior():

@@ -320,3 +320,25 @@ def test_fingerprint_unwraps_data_parallel_only():
     with torch.no_grad():
         h.head.weight.add_(1.0)
     assert weights_fingerprint(h) != before
+
+
+def test_best_model_snapshot_keeps_dynunet_aliasing(tmp_path):
+    """DynUNet registers each block under two names; the saver's copy shares them, so model.pt is not twice the
+    size of the weights, and the copy is independent of the training network."""
+    from monai.networks.nets import DynUNet
+
+    from monai_nacl.handlers.model_saver import _snapshot
+
+    net = DynUNet(3, 1, 3, [[3, 3, 3]] * 3, [[1, 1, 1], [2, 2, 2], [2, 2, 2]], [[2, 2, 2]] * 2, filters=[4, 8, 16])
+    state = net.state_dict()
+    copy = _snapshot(state)
+    assert copy.keys() == state.keys() and all(torch.equal(copy[k], state[k]) for k in state)
+    torch.save(state, tmp_path / "live.pt")
+    torch.save(copy, tmp_path / "copy.pt")
+    naive = {k: v.detach().clone() for k, v in state.items()}
+    torch.save(naive, tmp_path / "naive.pt")
+    live, snap, doubled = ((tmp_path / f"{n}.pt").stat().st_size for n in ("live", "copy", "naive"))
+    assert snap <= 1.05 * live and doubled > 1.5 * snap  # the aliasing this guards exists
+    with torch.no_grad():
+        next(net.parameters()).add_(1.0)
+    assert not torch.equal(next(iter(copy.values())), next(net.parameters()))

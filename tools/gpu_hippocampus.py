@@ -159,18 +159,30 @@ def cuda_checks(out: Path, budget: float) -> list[str]:
     return failed
 
 
+PART_BYTES = 15 * 2**20  # a device call brings back files of at most 16 MiB
+
+
 def pack(out: Path, dest: Path) -> list[Path]:
     """What a device call can bring back (at most 8 files, 16 MiB each, two folders deep): the final weights of each
-    model as ``model_<model>.pt`` and one ``gpu_run.tar.gz`` of everything else under ``out`` but weights and
-    checkpoints (logs, timings, facts, calibration records, TensorBoard events, benchmark output)."""
+    model as ``model_<model>.pt`` (in parts ``model_<model>.pt.part0``, ``.part1``... when larger than 15 MiB) and one
+    ``gpu_run.tar.gz`` of everything else under ``out`` but weights and checkpoints (logs, timings, facts, calibration
+    records, TensorBoard events, benchmark output). :func:`unpack` puts it back together."""
     import tarfile
 
     dest.mkdir(parents=True, exist_ok=True)
     written = []
     for model in MODELS:
         weights = out / "final" / model / "models" / "model.pt"
-        if weights.is_file():
+        if not weights.is_file():
+            continue
+        data = weights.read_bytes()
+        if len(data) <= PART_BYTES:
             written.append(Path(shutil.copyfile(weights, dest / f"model_{model}.pt")))
+            continue
+        for i in range(0, len(data), PART_BYTES):
+            part = dest / f"model_{model}.pt.part{i // PART_BYTES}"
+            part.write_bytes(data[i : i + PART_BYTES])
+            written.append(part)
     archive = dest / "gpu_run.tar.gz"
     with tarfile.open(archive, "w:gz") as tar:
         for f in sorted(out.rglob("*")):
@@ -179,6 +191,36 @@ def pack(out: Path, dest: Path) -> list[Path]:
     written.append(archive)
     log(out, f"packed into {dest}: {', '.join(f'{w.name} ({w.stat().st_size / 2**20:.1f} MiB)' for w in written)}")
     return written
+
+
+def unpack(src: Path, out: Path) -> list[Path]:
+    """The files a device call brought back (``src``, written by :func:`pack`) as the run's folder ``out``: the archive
+    extracted, and each model's weights (joined from their parts) at ``final/<model>/models/model.pt``, beside the
+    calibration record the archive holds. Returns the weights written.
+
+    Raises:
+        SystemExit: no ``gpu_run.tar.gz`` in ``src``, or parts missing (a gap in the numbering).
+    """
+    import tarfile
+
+    if not (src / "gpu_run.tar.gz").is_file():
+        raise SystemExit(f"{src}: no gpu_run.tar.gz (not a packed GPU run)")
+    out.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(src / "gpu_run.tar.gz") as tar:
+        tar.extractall(out, filter="data")
+    weights = []
+    for model in MODELS:
+        parts = sorted(src.glob(f"model_{model}.pt.part*"), key=lambda p: int(p.name.rsplit("part", 1)[1]))
+        if [int(p.name.rsplit("part", 1)[1]) for p in parts] != list(range(len(parts))):
+            raise SystemExit(f"{src}: parts of model_{model}.pt missing: {[p.name for p in parts]}")
+        whole = src / f"model_{model}.pt"
+        if not parts and not whole.is_file():
+            continue
+        target = out / "final" / model / "models" / "model.pt"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(b"".join(p.read_bytes() for p in parts) if parts else whole.read_bytes())
+        weights.append(target)
+    return weights
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -201,6 +243,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--val-interval", type=int, default=None)
     ap.add_argument("--skip-tests", action="store_true", help="skip the CUDA tests and benchmarks")
     ap.add_argument(
+        "--unpack",
+        type=Path,
+        default=None,
+        help="put a device call's files (from --pack) back together under --out, and exit",
+    )
+    ap.add_argument(
         "--pack",
         type=Path,
         default=None,
@@ -215,6 +263,10 @@ def main(argv: list[str] | None = None) -> int:
         "If the timing probe fails with it, the script retries without it.",
     )
     args = ap.parse_args(argv)
+    if args.unpack is not None:
+        for weights in unpack(args.unpack, args.out.resolve()):
+            print(f"wrote {weights}")
+        return 0
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     if not (args.data / "dataset.json").is_file():

@@ -10,8 +10,8 @@ The device machine starts bare from an image that has PyTorch but not MONAI, pyt
 3. checks that the checkout that travels (tracked and untracked files git does not ignore, plus ``.device``) stays
    under the limit;
 4. prints the ``run`` call: its command installs the wheels, runs ``gpu_hippocampus.py`` into ``/tmp/gpu`` and packs
-   what comes back into ``$OUT`` (at most 8 files: the two final models, one archive of logs and records, the
-   console log).
+   what comes back into ``$OUT`` (at most 8 files: the two final models in 15 MiB parts, one archive of logs and
+   records, the console log); ``gpu_hippocampus.py --unpack`` puts them together again here.
 
     python tools/prepare_device_run.py [--data ../shared/data/hippocampus]
 

@@ -126,7 +126,7 @@ class CalibratedModelSaver:
         correction = self.fitter.fit()
         before, after = self.fitter.score(), self.fitter.score(correction)
         total = compose_temperature(self.network.temperature, correction)
-        state = {k: v.detach().clone() for k, v in self.network.state_dict().items()}
+        state = _snapshot(self.network.state_dict())
         state["temperature"] = total.to(state["temperature"].dtype)
         state["calibrated_for"] = torch.tensor(weights_fingerprint(state), dtype=torch.int64)
         provenance = {
@@ -152,3 +152,17 @@ class CalibratedModelSaver:
             before["ece"],
             after["ece"],
         )
+
+
+def _snapshot(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A copy of a state_dict that keeps its aliasing: entries that share memory (DynUNet registers every block twice,
+    under ``skip_layers`` and under ``input_block``/``downsamples``/...) share one copy, so the file ``torch.save``
+    writes holds each tensor once (a plain per-entry clone doubled DynUNet's weights file)."""
+    copies: dict[tuple, torch.Tensor] = {}
+    out = {}
+    for key, value in state.items():
+        view = (value.untyped_storage().data_ptr(), value.storage_offset(), value.shape, value.stride(), value.dtype)
+        if view not in copies:
+            copies[view] = value.detach().clone()
+        out[key] = copies[view]
+    return out
