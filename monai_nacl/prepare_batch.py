@@ -7,17 +7,15 @@ from collections.abc import Mapping, Sequence
 import torch
 from monai.engines.utils import PrepareBatch
 
-from monai_nacl.input_checks import check_ignore_index, check_label_values, check_num_classes
+from monai_nacl.input_checks import check_label_values
 from monai_nacl.neighbor_prior import (
-    KERNELS,
-    check_kernel_size,
-    check_sigma,
     ensure_kernel_size,
     ensure_sigma,
     kernel_size_from_spacing,
     neighbor_prior,
     sigma_from_spacing,
 )
+from monai_nacl.transforms.prior import NeighborPrior
 
 __all__ = ["PriorOnDevice", "LABEL_PAD_MODES"]
 
@@ -101,19 +99,17 @@ class PriorOnDevice(PrepareBatch):
         prior_key: str = "prior",
         dtype: torch.dtype = torch.float32,
     ) -> None:
-        self.num_classes = check_num_classes(num_classes)
-        if kernel not in KERNELS:
-            raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}.")
+        # the options mean what they mean for the cached prior, and are checked the same way
+        cached = NeighborPrior(num_classes, kernel, kernel_size, sigma, padding, ignore_index, neighborhood_mm, dtype)
         if padding not in LABEL_PAD_MODES:
             raise ValueError(
                 f"padding must be one of {tuple(LABEL_PAD_MODES)} for a prior computed on the device, got {padding!r} "
                 "(no padded label reproduces 'zeros', neighbours of no class: cache τ with NeighborPriord instead)."
             )
-        if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-            raise ValueError(f"dtype must be a floating torch dtype, got {dtype}.")
-        self.kernel, self.padding, self.dtype = kernel, padding, dtype
-        self.ignore_index = check_ignore_index(ignore_index)
-        if neighborhood_mm is not None:
+        self.num_classes, self.kernel, self.padding = cached.num_classes, cached.kernel, cached.padding
+        self.ignore_index, self.dtype = cached.ignore_index, cached.dtype
+        self.kernel_size, self.sigma = cached.kernel_size, cached.sigma
+        if cached.neighborhood_mm is not None:  # resolved once: the training volumes all have the bundle's spacing
             if spacing is None:
                 raise ValueError(
                     "neighborhood_mm needs spacing (the training volumes' voxel size in mm, e.g. @pixdim)."
@@ -121,12 +117,8 @@ class PriorOnDevice(PrepareBatch):
             spacing = [float(s) for s in spacing]
             if not spacing or not all(s > 0 for s in spacing):
                 raise ValueError(f"spacing must be positive numbers, got {spacing}.")
-            extent = check_sigma(neighborhood_mm, "neighborhood_mm")
-            self.kernel_size = kernel_size_from_spacing(extent, spacing)
-            self.sigma = sigma_from_spacing(check_sigma(sigma), spacing)
-        else:
-            self.kernel_size = check_kernel_size(kernel_size)
-            self.sigma = check_sigma(sigma)
+            self.kernel_size = kernel_size_from_spacing(cached.neighborhood_mm, spacing)
+            self.sigma = sigma_from_spacing(cached.sigma, spacing)
         self.patch_size = None if patch_size is None else tuple(_check_patch_size(patch_size))
         if self.patch_size is not None:
             per_axis = [v for v in (self.kernel_size, self.sigma) if isinstance(v, tuple)]
