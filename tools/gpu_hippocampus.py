@@ -46,11 +46,14 @@ def log(out: Path, message: str) -> None:
         f.write(line + "\n")
 
 
-def bundle_command(model: str, run_dir: Path, args: argparse.Namespace, epochs: int, datalist: Path | None) -> list:
+def model_configs(model: str, args: argparse.Namespace) -> list[str]:
+    """The bundle config files a model trains with, in merge order."""
     configs = ["train.json", *MODELS[model], "dynunet.json", "train_dynunet.json"]
-    if args.device_data:
-        configs.append("device_data.json")
-    files = "[" + ",".join(f"'{BUNDLE / 'configs' / c}'" for c in configs) + "]"
+    return configs + ["device_data.json"] if args.device_data else configs
+
+
+def bundle_command(model: str, run_dir: Path, args: argparse.Namespace, epochs: int, datalist: Path | None) -> list:
+    files = "[" + ",".join(f"'{BUNDLE / 'configs' / c}'" for c in model_configs(model, args)) + "]"
     cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", files, "--bundle_root", str(BUNDLE)]
     cmd += ["--meta_file", str(BUNDLE / "configs" / "metadata.json"), "--dataset_dir", str(args.data)]
     cmd += ["--ckpt_dir", str(run_dir / "models"), "--resume_dir", str(run_dir / "checkpoints")]
@@ -85,11 +88,7 @@ def train_both(out: Path, tag: str, args: argparse.Namespace, epochs: int, datal
         run_dir = out / tag / model
         run_dir.mkdir(parents=True, exist_ok=True)
         cmd = bundle_command(model, run_dir, args, epochs, datalist)
-        configs = cmd[cmd.index("--config_file") + 1]
-        log(
-            out,
-            f"{tag}/{model}: {epochs} epochs, {', '.join(Path(c.strip(chr(39))).name for c in configs[1:-1].split(','))}",
-        )
+        log(out, f"{tag}/{model}: {epochs} epochs, {', '.join(model_configs(model, args))}")
         procs[model] = (subprocess.Popen(cmd, stdout=open(run_dir / "train.log", "w"), stderr=subprocess.STDOUT,
                                          cwd=ROOT), time.time())  # fmt: skip
     times = {}
