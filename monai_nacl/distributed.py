@@ -12,12 +12,21 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
 
 import torch
 import torch.distributed as dist
 from monai.utils import evenly_divisible_all_gather, get_dist_device
 
-__all__ = ["world_size", "local_rank", "local_device", "all_gather_rows", "all_reduce_sum", "broadcast_from_rank0"]
+__all__ = [
+    "world_size",
+    "LOCAL_RANK_VARIABLES",
+    "local_rank",
+    "local_device",
+    "all_gather_rows",
+    "all_reduce_sum",
+    "broadcast_from_rank0",
+]
 
 
 def world_size() -> int:
@@ -25,23 +34,46 @@ def world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
+# the variable each launcher sets to a process's index on its node, in the order they are read
+LOCAL_RANK_VARIABLES = (
+    "LOCAL_RANK",  # torchrun, torch.distributed.launch
+    "SLURM_LOCALID",  # srun
+    "OMPI_COMM_WORLD_LOCAL_RANK",  # Open MPI's mpirun
+    "MPI_LOCALRANKID",  # MPICH, Intel MPI
+    "MV2_COMM_WORLD_LOCAL_RANK",  # MVAPICH2
+)
+
+
 def local_rank() -> int:
-    """This process's index on its own node: ``LOCAL_RANK`` as ``torchrun`` sets it, else the global rank modulo the
-    node's GPU count (one process per GPU on identical nodes), else 0.
+    """This process's index on its own node.
+
+    Read from the first of :data:`LOCAL_RANK_VARIABLES` that is set (``torchrun``, ``srun``, ``mpirun`` of Open MPI,
+    MPICH / Intel MPI or MVAPICH2 set one); else, with a process group, the global rank modulo the node's GPU count,
+    which is right only for one process per GPU on nodes with equal GPU counts (a warning says so when the node has
+    several GPUs); else 0.
 
     On one node the local and global ranks agree; on several, ``cuda:{global rank}`` names a GPU the node does not
     have (rank 8 of two 8-GPU nodes), which is why the bundles' overlays use this.
 
     Raises:
-        ValueError: ``LOCAL_RANK`` set to something that is not a non-negative integer.
+        ValueError: the variable read set to something that is not a non-negative integer (naming it).
     """
-    value = os.environ.get("LOCAL_RANK")
-    if value is not None:
-        if not re.fullmatch(r"[0-9]+", value.strip()):
-            raise ValueError(f"LOCAL_RANK must be a non-negative integer, got {value!r}.")
-        return int(value)
+    for name in LOCAL_RANK_VARIABLES:
+        value = os.environ.get(name)
+        if value is not None:
+            if not re.fullmatch(r"[0-9]+", value.strip()):
+                raise ValueError(f"{name} must be a non-negative integer, got {value!r}.")
+            return int(value)
     if dist.is_available() and dist.is_initialized():
-        return dist.get_rank() % max(1, torch.cuda.device_count())
+        count = torch.cuda.device_count()
+        if count > 1:
+            warnings.warn(
+                f"No launcher set a local rank ({', '.join(LOCAL_RANK_VARIABLES)}): taking global rank "
+                f"{dist.get_rank()} modulo this node's {count} GPUs, which is wrong on nodes with different GPU "
+                "counts. Set LOCAL_RANK to the process's index on its node.",
+                stacklevel=2,
+            )
+        return dist.get_rank() % max(1, count)
     return 0
 
 
@@ -50,7 +82,7 @@ def local_device() -> torch.device:
     giving each task its own ``CUDA_VISIBLE_DEVICES``) gets ``cuda:0`` whatever its local rank.
 
     Raises:
-        ValueError: a bad ``LOCAL_RANK``, or one beyond the node's GPUs (naming both).
+        ValueError: a bad local-rank variable, or a local rank beyond the node's GPUs (naming both).
     """
     if not torch.cuda.is_available():
         return torch.device("cpu")

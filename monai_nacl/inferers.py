@@ -94,7 +94,8 @@ def describe_inferer(inferer: Any) -> str | None:
     Calibration records store it, so inference can tell that a temperature or a conformal threshold was fitted on
     other probabilities (mirror test-time augmentation on or off, another window, blending or padding). Settings
     that do not change the result are left out (batch sizes, devices, progress bars), and equivalent spellings give
-    one string: a scalar ``roi_size``, ``overlap`` or ``sigma_scale`` is expanded to one value per axis, mirrored
+    one string: a scalar ``roi_size``, ``overlap`` or ``sigma_scale`` is expanded to one value per axis (as many axes
+    as any of them given per axis has, 3 when all are scalars), mirrored
     axes are sorted (the same flips are averaged), and ``SlidingWindowInferer`` subclasses that only choose the
     device (``SlidingWindowInfererAdapt``) are named as the base class.
 
@@ -116,12 +117,13 @@ def describe_inferer(inferer: Any) -> str | None:
         return f"{name}()"
     if type(inferer) is SlidingWindowInfererAdapt:
         name = "SlidingWindowInferer"
-    roi = _plain(inferer.roi_size)
-    dims = len(roi) if isinstance(roi, list) else 3
-    settings = {"roi_size": _per_axis(roi, dims), "overlap": _per_axis(_plain(inferer.overlap), dims)}
-    settings["mode"] = _option(inferer.mode)
-    if settings["mode"] == "gaussian":
-        settings["sigma_scale"] = _per_axis(_plain(inferer.sigma_scale), dims)
+    roi, overlap, sigma = (_plain(v) for v in (inferer.roi_size, inferer.overlap, inferer.sigma_scale))
+    mode = _option(inferer.mode)
+    per_axis = [v for v in (roi, overlap, sigma if mode == "gaussian" else None) if isinstance(v, list)]
+    dims = len(per_axis[0]) if per_axis else 3
+    settings = {"roi_size": _per_axis(roi, dims), "overlap": _per_axis(overlap, dims), "mode": mode}
+    if mode == "gaussian":
+        settings["sigma_scale"] = _per_axis(sigma, dims)
     settings["padding_mode"] = _option(inferer.padding_mode)
     settings["cval"] = _plain(inferer.cval)
     if getattr(inferer, "with_coord", False):

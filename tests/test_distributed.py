@@ -8,33 +8,57 @@ from pathlib import Path
 import pytest
 import torch
 
-from monai_nacl.distributed import local_device, local_rank
+from monai_nacl.distributed import LOCAL_RANK_VARIABLES, local_device, local_rank
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_local_rank_reads_torchrun_environment(monkeypatch):
-    monkeypatch.setenv("LOCAL_RANK", "3")
+@pytest.fixture
+def no_launcher(monkeypatch):
+    """An environment where no launcher has set a local rank (CI may run under one)."""
+    for name in LOCAL_RANK_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    return monkeypatch
+
+
+def test_local_rank_reads_torchrun_environment(no_launcher):
+    no_launcher.setenv("LOCAL_RANK", "3")
     assert local_rank() == 3
-    monkeypatch.delenv("LOCAL_RANK")
-    assert local_rank() == 0  # no process group, no LOCAL_RANK
+    no_launcher.delenv("LOCAL_RANK")
+    assert local_rank() == 0  # no process group, no launcher variable
 
 
+@pytest.mark.parametrize("name", LOCAL_RANK_VARIABLES)
+def test_local_rank_reads_each_launcher(no_launcher, name):
+    no_launcher.setenv(name, "2")
+    assert local_rank() == 2
+
+
+def test_torchrun_variable_comes_first(no_launcher):
+    """torchrun inside a Slurm allocation: LOCAL_RANK is the process's own index, SLURM_LOCALID the task's."""
+    no_launcher.setenv("SLURM_LOCALID", "0")
+    no_launcher.setenv("LOCAL_RANK", "3")
+    assert local_rank() == 3
+
+
+@pytest.mark.parametrize("name", ["LOCAL_RANK", "SLURM_LOCALID", "OMPI_COMM_WORLD_LOCAL_RANK"])
 @pytest.mark.parametrize("bad", ["-1", "one", "1.5", "", "\u00b2"])
-def test_local_rank_refuses_a_bad_environment(monkeypatch, bad):
-    monkeypatch.setenv("LOCAL_RANK", bad)
-    with pytest.raises(ValueError, match="LOCAL_RANK"):
+def test_local_rank_refuses_a_bad_environment(no_launcher, name, bad):
+    no_launcher.setenv(name, bad)
+    with pytest.raises(ValueError, match=name):
         local_rank()
 
 
-def test_local_device_on_a_node_without_cuda(monkeypatch):
+def test_local_device_on_a_node_without_cuda(no_launcher):
+    monkeypatch = no_launcher
     monkeypatch.setenv("LOCAL_RANK", "5")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert local_device() == torch.device("cpu")
 
 
-def test_local_device_is_the_local_gpu_on_a_second_node(monkeypatch):
+def test_local_device_is_the_local_gpu_on_a_second_node(no_launcher):
     """Global rank 9 of two 8-GPU nodes is local rank 1: cuda:1, not cuda:9."""
+    monkeypatch = no_launcher
     monkeypatch.setenv("LOCAL_RANK", "1")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
@@ -42,11 +66,13 @@ def test_local_device_is_the_local_gpu_on_a_second_node(monkeypatch):
     monkeypatch.setenv("LOCAL_RANK", "8")
     with pytest.raises(ValueError, match="local rank 8 has no GPU: this node has 8"):
         local_device()
-    # without LOCAL_RANK (a launcher that does not set it): the global rank modulo the node's GPUs
+    # a launcher that sets no local rank: the global rank modulo the node's GPUs, with a warning that this
+    # assumes equal nodes
     monkeypatch.delenv("LOCAL_RANK")
     monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
     monkeypatch.setattr(torch.distributed, "get_rank", lambda: 9)
-    assert local_device() == torch.device("cuda:1")
+    with pytest.warns(UserWarning, match="global rank 9 modulo this node's 8 GPUs"):
+        assert local_device() == torch.device("cuda:1")
     # one visible GPU per process (a scheduler's CUDA_VISIBLE_DEVICES): always cuda:0
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     monkeypatch.setenv("LOCAL_RANK", "3")

@@ -79,6 +79,10 @@ def test_describe_inferer_keeps_what_changes_the_probabilities():
     ):
         assert describe_inferer(same) == describe_inferer(window)
     assert describe_inferer(SlidingWindowInferer(64)) == describe_inferer(SlidingWindowInferer([64, 64, 64]))
+    # a 2D window: a scalar takes its axis count from the settings given per axis
+    planar = describe_inferer(SlidingWindowInferer([64, 64], overlap=0.5))
+    assert planar == describe_inferer(SlidingWindowInferer(64, overlap=[0.5, 0.5]))
+    assert "roi_size=[64, 64], overlap=[0.5, 0.5]" in planar
     # what changes the probabilities changes the description
     for other in (
         SlidingWindowInferer(roi_size=(40, 56, 40), overlap=0.5),
