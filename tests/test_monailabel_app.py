@@ -164,6 +164,20 @@ for k, task in tasks.items():
     out[k].append(served(task, "model.pt"))
 out["same_size_inode_mtime"] = [st.st_size == size, st.st_ino == ino, st.st_mtime_ns == t]
 
+# (d) requests alternating between two files: the app keeps both networks (networks_per_device, default 2) and
+# loads neither again; with room for one it loads each time, still serving the file each request names
+app = tasks["app"]
+nets = [app._get_network("cpu", {"model_filename": f}) for f in ("model.pt", "model_dice_ce.pt") * 2]
+out["reused"] = [nets[0] is nets[2], nets[1] is nets[3], nets[0] is not nets[1]]
+one = main.NACLBundleInferTask(str(bundle), {"networks_per_device": "1"}, load_strict=True)
+nets = [one._get_network("cpu", {"model_filename": f}) for f in ("model.pt", "model_dice_ce.pt") * 2]
+out["one_per_device"] = [nets[0] is nets[2], [served(one, f) for f in ("model_dice_ce.pt", "model.pt")]]
+try:
+    main.NACLBundleInferTask(str(bundle), {"networks_per_device": "0"}, load_strict=True)
+    out["bad_option"] = "accepted"
+except ValueError as e:
+    out["bad_option"] = str(e)
+
 # (c) model_dice_ce.pt's temperature changed without its record: MONAI Label alone serves it, the app refuses it
 stale = load("model_dice_ce.pt")
 stale["temperature"] = stale["temperature"] * 0.5
@@ -207,6 +221,9 @@ def test_infer_task_serves_the_requested_weights_file(tmp_path):
     assert served["app"] == ["model.pt", "model_dice_ce.pt", "model.pt", "model.pt (rewritten)"], served
     # MONAI Label alone: model.pt's network for model_dice_ce.pt, and the old weights after the rewrite
     assert served["monailabel"] == ["model.pt", "model.pt", "model.pt", "model.pt"], served
+    assert served["reused"] == [True, True, True], served
+    assert served["one_per_device"] == [False, ["model_dice_ce.pt", "model.pt (rewritten)"]], served
+    assert "networks_per_device must be a positive integer, got '0'" in served["bad_option"], served
     # a temperature its record does not vouch for: refused by the app (require_calibrated), naming the record
     assert served["stale"]["monailabel"] == "served", served
     refusal = served["stale"]["app"]

@@ -14,6 +14,8 @@ Options (``--conf KEY VALUE``):
 * ``load_strict``: ``true`` (default) or ``false``; strict state-dict loading for inference and for the
   checkpoint that training starts from.
 * ``preload``: ``true`` to load the networks at start-up (MONAI Label's own option).
+* ``networks_per_device``: how many loaded networks each bundle keeps per device (default 2), so requests that
+  alternate between weight files (``model.pt``, ``model_dice_ce.pt``) do not reload them.
 
 Training writes into the bundle folder (``models/model.pt``), so serve a copy of a bundle you want to keep.
 See docs/monai_label.md.
@@ -24,6 +26,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from collections import OrderedDict
 from pathlib import Path
 
 APP_DIR = Path(__file__).resolve().parent
@@ -58,6 +61,28 @@ from nacl_bundles import INFER_CONFIGS, TRAIN_CONFIGS, find_bundles, has_config,
 logger = logging.getLogger(__name__)
 
 
+def _file_identity(path: str) -> tuple:
+    """What tells a weights file and its calibration record from another version of them (see ``_get_network``)."""
+
+    def stat(p: str):
+        try:
+            st = os.stat(p)
+        except FileNotFoundError:
+            return None
+        return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+    record = str(Path(path).with_name(Path(path).stem + ".calibration.json"))
+    return (os.path.realpath(path), stat(path), stat(record))
+
+
+def _networks_per_device(conf) -> int:
+    """``--conf networks_per_device N``: how many networks an infer task keeps per device (default 2)."""
+    value = str((conf or {}).get("networks_per_device", "2")).strip()
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"--conf networks_per_device must be a positive integer, got {value!r}")
+    return int(value)
+
+
 class NACLBundleTrainTask(BundleTrainTask):
     """``BundleTrainTask`` whose run writes its best model back to the file it started from (the request's
     ``model_filename``, e.g. ``model_dice_ce.pt``), not always to ``model.pt``: the bundles' model saver takes
@@ -80,6 +105,11 @@ class NACLBundleInferTask(BundleInferTask):
     volume intervals come from that file's record (none: no conformal outputs), never from ``model.pt``'s. Each
     weights file is checked against its calibration record when it is loaded (see ``_check_calibrated``)."""
 
+    def __init__(self, path: str, conf: dict, **kwargs) -> None:
+        # before super: with ``preload`` it loads the network from its __init__; a bad value stops the app at start
+        self.networks_per_device = _networks_per_device(conf)
+        super().__init__(path, conf, **kwargs)
+
     def pre_transforms(self, data=None):
         # set before the config is parsed for this request: changing it later would rebuild the preprocessing
         # that postprocessing's Invertd refers to, and the inversion would fail
@@ -97,27 +127,45 @@ class NACLBundleInferTask(BundleInferTask):
         """MONAI Label caches one network per device and reuses it while the weights file's ``st_mtime`` is
         unchanged, whichever file the request names: of two files with equal times (a zip/tar extraction, ``cp -p``,
         ``os.utime``) the second is answered with the first's network, and a file replaced by one with the same time
-        keeps serving the old weights. So the cache is keyed here by the file this request loads (super's choice:
-        ``model_filename`` beside the bundle's weights if it exists, else the default) and its identity (device,
-        inode, size, mtime and ctime in ns: a rewrite in place changes ctime, which cannot be set back); when the
-        key differs from the cached network's, that network is dropped and super loads the file again."""
+        keeps serving the old weights; requests that alternate between two files reload the network each time.
+
+        Here networks are cached per device and per file identity: the file this request loads (super's choice:
+        ``model_filename`` beside the bundle's weights if it exists, else the default) with its device, inode, size,
+        mtime and ctime in ns (a rewrite in place changes ctime, which cannot be set back), and the same of its
+        calibration record. A file served before and unchanged gets its network back; a new or changed file is
+        checked (:meth:`_check_calibrated`) and loaded by super. At most ``networks_per_device`` networks are kept
+        per device (``--conf networks_per_device N``, default 2: a bundle's NACL and CE+Dice weights), the least
+        recently used dropped first, and any older network of the same file at once."""
         path = self.get_path()
         name = (data or {}).get("model_filename") if self._config.get("model_filename") else None
         name = name[0] if isinstance(name, (list, tuple)) and name else name
         if isinstance(name, str) and os.path.exists(os.path.join(os.path.dirname(self.path[0]), name)):
             path = os.path.join(os.path.dirname(self.path[0]), name)
-        key = None
-        if path:
-            st = os.stat(path)
-            key = (os.path.realpath(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-        keys = self.__dict__.setdefault("_network_keys", {})  # lazily: preload calls this from __init__
-        if device in self._networks and keys.get(device) != key:
-            logger.warning("Reload model for %s: %s (cached: %s)", device, key, keys.get(device))
-            del self._networks[device]
-        if path and keys.get(device) != key:
-            self._check_calibrated(path)
+        key = _file_identity(path) if path else None
+        # set lazily: preload calls this from __init__, before a subclass attribute could be set
+        cache = self.__dict__.setdefault("_network_cache", OrderedDict())  # (device, key): MONAI Label's entry
+        keys = self.__dict__.setdefault("_network_keys", {})  # the key of the network in self._networks[device]
+        if keys.get(device) != key:
+            if (device, key) in cache:
+                self._networks[device] = cache[(device, key)]
+            else:
+                if device in self._networks:
+                    logger.info("Load %s on %s (serving %s)", path, device, keys.get(device))
+                    del self._networks[device]
+                if path:
+                    self._check_calibrated(path)
         network = super()._get_network(device, data)
         keys[device] = key
+        entry = self._networks.get(device)
+        if entry is not None:
+            for old in [k for k in cache if k[0] == device and k[1] and key and k[1][0] == key[0] and k[1] != key]:
+                del cache[old]  # an earlier version of this file
+            cache[(device, key)] = entry
+            cache.move_to_end((device, key))
+            limit = self.networks_per_device
+            on_device = [k for k in cache if k[0] == device]
+            for old in on_device[: max(0, len(on_device) - limit)]:
+                del cache[old]
         return network
 
     def _check_calibrated(self, path: str) -> None:
