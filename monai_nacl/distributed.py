@@ -34,21 +34,23 @@ def world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
-# the variable each launcher sets to a process's index on its node, in the order they are read
+# the variable each launcher sets to a process's index on its node, in the order they are read: Slurm's comes last
+# because ``mpirun`` inside an allocation starts its ranks through one ``srun`` task per node, so every rank inherits
+# that task's SLURM_LOCALID of 0 beside its MPI variable
 LOCAL_RANK_VARIABLES = (
     "LOCAL_RANK",  # torchrun, torch.distributed.launch
-    "SLURM_LOCALID",  # srun
     "OMPI_COMM_WORLD_LOCAL_RANK",  # Open MPI's mpirun
     "MPI_LOCALRANKID",  # MPICH, Intel MPI
     "MV2_COMM_WORLD_LOCAL_RANK",  # MVAPICH2
+    "SLURM_LOCALID",  # srun
 )
 
 
 def local_rank() -> int:
     """This process's index on its own node.
 
-    Read from the first of :data:`LOCAL_RANK_VARIABLES` that is set (``torchrun``, ``srun``, ``mpirun`` of Open MPI,
-    MPICH / Intel MPI or MVAPICH2 set one); else, with a process group, the global rank modulo the node's GPU count,
+    Read from the first of :data:`LOCAL_RANK_VARIABLES` that is set (``torchrun``, ``mpirun`` of Open MPI,
+    MPICH / Intel MPI or MVAPICH2, or ``srun`` set one); else, with a process group, the global rank modulo the node's GPU count,
     which is right only for one process per GPU on nodes with equal GPU counts (a warning says so when the node has
     several GPUs); else 0.
 

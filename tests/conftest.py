@@ -70,6 +70,22 @@ def torchrun_bundle(bundle, configs, overrides: dict, timeout: int = 600):
     return result
 
 
+def tiny_bundle_overrides(tmp_path: Path) -> dict:
+    """Overrides that make a bundle's workflow a seconds-long run on 2 + 1 + 1 phantom cases under ``tmp_path``:
+    one epoch, validated after it, with every output folder in ``tmp_path``."""
+    return {
+        "ckpt_dir": str(tmp_path / "models"),
+        "output_dir": str(tmp_path / "eval"),
+        "dataset_dir": str(tmp_path / "data"),
+        "num_train": 2,
+        "num_val": 1,
+        "num_test": 1,
+        "val_interval": 1,
+        "train#trainer#max_epochs": 1,
+        "resume_dir": str(tmp_path / "checkpoints"),
+    }
+
+
 def bundle_workflow(bundle, configs, workflow_type: str, **override):
     """An initialised ``ConfigWorkflow`` of ``bundle`` (configs merged in order) whose properties all resolve."""
     from monai.bundle import ConfigWorkflow

@@ -12,7 +12,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import bundle_workflow
+from conftest import bundle_workflow, tiny_bundle_overrides
 from ignite.engine import Events
 from monai.bundle import ConfigParser
 
@@ -28,20 +28,7 @@ NEW_METRICS = ("val_adaptive_ece", "val_adaptive_cece", "val_ace_monai", "val_mc
 QUICKSTART = ROOT / "bundles" / "phantom_nacl_segmentation"
 
 
-def _tiny(tmp_path: Path) -> dict:
-    return {
-        "ckpt_dir": str(tmp_path / "models"),
-        "output_dir": str(tmp_path / "eval"),
-        "dataset_dir": str(tmp_path / "data"),
-        "num_train": 2,
-        "num_val": 1,
-        "num_test": 1,
-        "val_interval": 1,
-        "train#trainer#max_epochs": 1,
-        "resume_dir": str(tmp_path / "checkpoints"),
-    }
-
-
+_tiny = tiny_bundle_overrides
 _workflow = bundle_workflow
 
 

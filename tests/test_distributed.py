@@ -34,10 +34,12 @@ def test_local_rank_reads_each_launcher(no_launcher, name):
     assert local_rank() == 2
 
 
-def test_torchrun_variable_comes_first(no_launcher):
-    """torchrun inside a Slurm allocation: LOCAL_RANK is the process's own index, SLURM_LOCALID the task's."""
+@pytest.mark.parametrize("own", ["LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID"])
+def test_the_process_own_variable_wins_over_slurm(no_launcher, own):
+    """torchrun or mpirun inside a Slurm allocation: every process inherits its srun task's SLURM_LOCALID (0 for
+    the one task per node); its own launcher's variable is the process's index."""
     no_launcher.setenv("SLURM_LOCALID", "0")
-    no_launcher.setenv("LOCAL_RANK", "3")
+    no_launcher.setenv(own, "3")
     assert local_rank() == 3
 
 

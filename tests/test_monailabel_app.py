@@ -108,7 +108,7 @@ def test_real_server_check():
 # Run in the MONAI Label environment: the app's infer task and MONAI Label's own BundleInferTask on one bundle copy
 # whose two weight files have the same mtime; prints, as JSON, which file's weights each request was served with.
 _SERVED_SCRIPT = r"""
-import json, os, sys
+import json, os, shutil, sys
 from pathlib import Path
 
 import torch
@@ -167,16 +167,44 @@ out["same_size_inode_mtime"] = [st.st_size == size, st.st_ino == ino, st.st_mtim
 # (d) requests alternating between two files: the app keeps both networks (networks_per_device, default 2) and
 # loads neither again; with room for one it loads each time, still serving the file each request names
 app = tasks["app"]
-nets = [app._get_network("cpu", {"model_filename": f}) for f in ("model.pt", "model_dice_ce.pt") * 2]
+
+
+def get(task, name):
+    return task._get_network("cpu", {"model_filename": name})
+
+
+nets = [get(app, f) for f in ("model.pt", "model_dice_ce.pt") * 2]
 out["reused"] = [nets[0] is nets[2], nets[1] is nets[3], nets[0] is not nets[1]]
-one = main.NACLBundleInferTask(str(bundle), {"networks_per_device": "1"}, load_strict=True)
-nets = [one._get_network("cpu", {"model_filename": f}) for f in ("model.pt", "model_dice_ce.pt") * 2]
-out["one_per_device"] = [nets[0] is nets[2], [served(one, f) for f in ("model_dice_ce.pt", "model.pt")]]
+# a third file: the least recently used network (model_dice_ce.pt's, after model.pt was asked for again) goes
+for suffix in (".pt", ".calibration.json"):
+    shutil.copyfile(models / f"model{suffix}", models / f"model_copy{suffix}")
+first = get(app, "model.pt")
+copy = get(app, "model_copy.pt")
+out["lru"] = [get(app, "model.pt") is first, get(app, "model_copy.pt") is copy, get(app, "model_dice_ce.pt") is not nets[1]]
+# the calibration record alone changed: the cached network is not served, the file is checked again and refused;
+# the refusal drops nothing
+dice = get(app, "model_dice_ce.pt")
+record = json.loads((models / "model_copy.calibration.json").read_text())
+record["temperature"] = [2 * v for v in record["temperature"]]
+(models / "model_copy.calibration.json").write_text(json.dumps(record))
 try:
-    main.NACLBundleInferTask(str(bundle), {"networks_per_device": "0"}, load_strict=True)
-    out["bad_option"] = "accepted"
+    get(app, "model_copy.pt")
+    out["record_only"] = "served"
 except ValueError as e:
-    out["bad_option"] = str(e)
+    out["record_only"] = str(e)
+out["kept_after_refusal"] = get(app, "model_dice_ce.pt") is dice
+app.clear_cache()  # MONAI Label's own call to free the networks: the app's networks go too
+out["cleared"] = get(app, "model_dice_ce.pt") is not dice
+one = main.NACLBundleInferTask(str(bundle), {"networks_per_device": "1"}, load_strict=True)
+nets = [get(one, f) for f in ("model.pt", "model_dice_ce.pt") * 2]
+out["one_per_device"] = [nets[0] is nets[2], [served(one, f) for f in ("model_dice_ce.pt", "model.pt")]]
+out["bad_option"] = {}
+for bad in ("0", "two", "\u00b2"):
+    try:
+        main.NACLBundleInferTask(str(bundle), {"networks_per_device": bad}, load_strict=True)
+        out["bad_option"][bad] = "accepted"
+    except ValueError as e:
+        out["bad_option"][bad] = str(e)
 
 # (c) model_dice_ce.pt's temperature changed without its record: MONAI Label alone serves it, the app refuses it
 stale = load("model_dice_ce.pt")
@@ -221,9 +249,12 @@ def test_infer_task_serves_the_requested_weights_file(tmp_path):
     assert served["app"] == ["model.pt", "model_dice_ce.pt", "model.pt", "model.pt (rewritten)"], served
     # MONAI Label alone: model.pt's network for model_dice_ce.pt, and the old weights after the rewrite
     assert served["monailabel"] == ["model.pt", "model.pt", "model.pt", "model.pt"], served
-    assert served["reused"] == [True, True, True], served
+    assert served["reused"] == [True, True, True] and served["lru"] == [True, True, True], served
+    assert "model_copy.calibration.json: temperature" in served["record_only"], served
+    assert served["kept_after_refusal"] and served["cleared"], served
     assert served["one_per_device"] == [False, ["model_dice_ce.pt", "model.pt (rewritten)"]], served
-    assert "networks_per_device must be a positive integer, got '0'" in served["bad_option"], served
+    for bad, message in served["bad_option"].items():
+        assert f"networks_per_device must be a positive integer, got {bad!r}" in message, served
     # a temperature its record does not vouch for: refused by the app (require_calibrated), naming the record
     assert served["stale"]["monailabel"] == "served", served
     refusal = served["stale"]["app"]

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import bundle_workflow
+from conftest import bundle_workflow, tiny_bundle_overrides
 from monai.transforms import BorderPad
 
 from monai_nacl.neighbor_prior import neighbor_prior
@@ -134,16 +134,7 @@ def test_phantom_bundle_trains_with_the_prior_on_the_device(tmp_path):
     from monai.engines.utils import IterationEvents
 
     bundle = ROOT / "bundles" / "phantom_nacl_segmentation"
-    overrides = {
-        "dataset_dir": str(tmp_path / "data"),
-        "ckpt_dir": str(tmp_path / "models"),
-        "output_dir": str(tmp_path / "eval"),
-        "resume_dir": str(tmp_path / "checkpoints"),
-        "num_train": 2,
-        "num_val": 1,
-        "num_test": 1,
-        "train#trainer#max_epochs": 1,
-    }
+    overrides = tiny_bundle_overrides(tmp_path)  # validated after the epoch too: on whole volumes
     wf = bundle_workflow(bundle, ["train.json", "prior_on_device.json"], "train", **overrides)
     trainer, loss = wf.parser.get_parsed_content("train#trainer"), wf.parser.get_parsed_content("loss")
     patch = list(wf.parser.get_parsed_content("patch_size"))

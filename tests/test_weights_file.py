@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import bundle_workflow
+from conftest import bundle_workflow, tiny_bundle_overrides
 
 from monai_nacl.conformal import check_conformal_record, read_conformal_record
 from monai_nacl.temperature import check_calibration_record
@@ -25,15 +25,7 @@ PHANTOM = ROOT / "bundles" / "phantom_nacl_segmentation"
 SHIPPED = PHANTOM / "models"
 
 
-def _tiny(tmp_path: Path) -> dict:
-    return {
-        "ckpt_dir": str(tmp_path / "models"),
-        "dataset_dir": str(tmp_path / "data"),
-        "num_train": 2,
-        "num_val": 1,
-        "num_test": 1,
-        "resume_dir": str(tmp_path / "checkpoints"),
-    }
+_tiny = tiny_bundle_overrides
 
 
 def _models(tmp_path: Path) -> Path:
@@ -71,9 +63,7 @@ def test_evaluate_loads_the_weights_file_it_is_given(tmp_path):
             PHANTOM,
             ["train.json", "evaluate.json"],
             "train",
-            output_dir=str(tmp_path / f"eval_{name}"),
-            **_tiny(tmp_path),
-            **override,
+            **{**_tiny(tmp_path), "output_dir": str(tmp_path / f"eval_{name}"), **override},
         )
         wf.run()
         network = wf.parser.get_parsed_content("network")

@@ -25,7 +25,9 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
+import threading
 from collections import OrderedDict
 from pathlib import Path
 
@@ -62,7 +64,10 @@ logger = logging.getLogger(__name__)
 
 
 def _file_identity(path: str) -> tuple:
-    """What tells a weights file and its calibration record from another version of them (see ``_get_network``)."""
+    """What tells a weights file and its calibration record from other versions of them (see ``_get_network``): the
+    file's resolved path and its record's path (two names of one file may have two records), then the stat of each
+    (device, inode, size, mtime and ctime in ns; ``None`` for a missing record)."""
+    from monai_nacl.temperature.record import record_path
 
     def stat(p: str):
         try:
@@ -71,14 +76,14 @@ def _file_identity(path: str) -> tuple:
             return None
         return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
-    record = str(Path(path).with_name(Path(path).stem + ".calibration.json"))
-    return (os.path.realpath(path), stat(path), stat(record))
+    record = str(record_path(path))
+    return (os.path.realpath(path), record, stat(path), stat(record))
 
 
 def _networks_per_device(conf) -> int:
     """``--conf networks_per_device N``: how many networks an infer task keeps per device (default 2)."""
     value = str((conf or {}).get("networks_per_device", "2")).strip()
-    if not value.isdigit() or int(value) < 1:
+    if not re.fullmatch(r"[0-9]+", value) or int(value) < 1:
         raise ValueError(f"--conf networks_per_device must be a positive integer, got {value!r}")
     return int(value)
 
@@ -129,44 +134,53 @@ class NACLBundleInferTask(BundleInferTask):
         ``os.utime``) the second is answered with the first's network, and a file replaced by one with the same time
         keeps serving the old weights; requests that alternate between two files reload the network each time.
 
-        Here networks are cached per device and per file identity: the file this request loads (super's choice:
-        ``model_filename`` beside the bundle's weights if it exists, else the default) with its device, inode, size,
-        mtime and ctime in ns (a rewrite in place changes ctime, which cannot be set back), and the same of its
-        calibration record. A file served before and unchanged gets its network back; a new or changed file is
-        checked (:meth:`_check_calibrated`) and loaded by super. At most ``networks_per_device`` networks are kept
-        per device (``--conf networks_per_device N``, default 2: a bundle's NACL and CE+Dice weights), the least
-        recently used dropped first, and any older network of the same file at once."""
-        path = self.get_path()
-        name = (data or {}).get("model_filename") if self._config.get("model_filename") else None
-        name = name[0] if isinstance(name, (list, tuple)) and name else name
-        if isinstance(name, str) and os.path.exists(os.path.join(os.path.dirname(self.path[0]), name)):
-            path = os.path.join(os.path.dirname(self.path[0]), name)
-        key = _file_identity(path) if path else None
-        # set lazily: preload calls this from __init__, before a subclass attribute could be set
-        cache = self.__dict__.setdefault("_network_cache", OrderedDict())  # (device, key): MONAI Label's entry
-        keys = self.__dict__.setdefault("_network_keys", {})  # the key of the network in self._networks[device]
-        if keys.get(device) != key:
+        Here networks are cached per device and per file identity (:func:`_file_identity`: the file this request
+        loads, which is super's choice of ``model_filename`` beside the bundle's weights if it exists, else the
+        default, and its calibration record; a rewrite in place changes ctime, which cannot be set back). A file
+        served before and unchanged gets its network back; a new or changed file is checked
+        (:meth:`_check_calibrated`) and loaded by super. Each device keeps at most ``networks_per_device`` networks,
+        loading included (``--conf networks_per_device N``, default 2: a bundle's NACL and CE+Dice weights): the
+        least recently used is dropped first, an earlier version of the same file at once. A lock makes each call
+        one step, so concurrent requests (``MONAI_LABEL_INFER_CONCURRENCY`` above 1) cannot file one file's network
+        under another's identity."""
+        with self.__dict__.setdefault("_network_lock", threading.RLock()):  # lazily: preload calls this from __init__
+            path = self.get_path()
+            name = (data or {}).get("model_filename") if self._config.get("model_filename") else None
+            name = name[0] if isinstance(name, (list, tuple)) and name else name
+            if isinstance(name, str) and os.path.exists(os.path.join(os.path.dirname(self.path[0]), name)):
+                path = os.path.join(os.path.dirname(self.path[0]), name)
+            key = _file_identity(path) if path else None
+            cache = self.__dict__.setdefault("_network_cache", OrderedDict())  # (device, key): MONAI Label's entry
             if (device, key) in cache:
                 self._networks[device] = cache[(device, key)]
-            else:
-                if device in self._networks:
-                    logger.info("Load %s on %s (serving %s)", path, device, keys.get(device))
-                    del self._networks[device]
-                if path:
-                    self._check_calibrated(path)
-        network = super()._get_network(device, data)
-        keys[device] = key
-        entry = self._networks.get(device)
-        if entry is not None:
-            for old in [k for k in cache if k[0] == device and k[1] and key and k[1][0] == key[0] and k[1] != key]:
-                del cache[old]  # an earlier version of this file
-            cache[(device, key)] = entry
-            cache.move_to_end((device, key))
-            limit = self.networks_per_device
+                cache.move_to_end((device, key))
+                return super()._get_network(device, data)
+            # a file not loaded yet, or changed: refused before anything is dropped, then room made for it
+            self._networks.pop(device, None)
+            if path:
+                self._check_calibrated(path)
             on_device = [k for k in cache if k[0] == device]
-            for old in on_device[: max(0, len(on_device) - limit)]:
-                del cache[old]
-        return network
+            stale = [k for k in on_device if key and k[1] and k[1][:2] == key[:2]]  # earlier versions of this file
+            rest = [k for k in on_device if k not in stale]
+            for k in stale + rest[: max(0, len(rest) - (self.networks_per_device - 1))]:
+                del cache[k]
+            logger.info("Load %s on %s (%d other networks kept)", path, device, len(cache))
+            network = super()._get_network(device, data)
+            if self._networks.get(device) is not None:
+                cache[(device, key)] = self._networks[device]
+            return network
+
+    def clear_cache(self):
+        """MONAI Label's ``clear_cache`` empties its per-device networks; the networks kept per file go too."""
+        with self.__dict__.setdefault("_network_lock", threading.RLock()):
+            self.__dict__.get("_network_cache", {}).clear()
+            super().clear_cache()
+
+    def clear(self):
+        """Like :meth:`clear_cache`, for MONAI Label's ``clear``."""
+        with self.__dict__.setdefault("_network_lock", threading.RLock()):
+            self.__dict__.get("_network_cache", {}).clear()
+            super().clear()
 
     def _check_calibrated(self, path: str) -> None:
         """What the bundle's ``initialize`` does before inference, which MONAI Label does not run: the weights'
