@@ -533,16 +533,17 @@ def pooled_markdown(rows: list[dict]) -> str:
     """Every method over its seeds: the seed-averaged test mean and its difference from NACL [95 % interval]."""
     if not rows:
         return ""
+    by = {(r["method"], r["scaling"], r["metric"]): r for r in rows}
+    most = max(len(r["seeds"]) for r in rows)
     lines = ["### Every method over its seeds against NACL (Dice+CE base)", ""]
     lines += [
         "Each cell: the method's mean over its seeds and the test cases, then its difference from NACL over the "
         "same seeds and cases [95 % interval of a two-level bootstrap: seeds, then cases, paired by seed and "
         "case], then the range of the per-seed differences. **Bold**: the interval excludes 0. The intervals are "
-        "not corrected for the many comparisons in this table, and with three seeds the seed level is coarse: "
-        "read them as a guide to which differences are larger than the training noise, not as tests.",
+        f"not corrected for the many comparisons in this table, and with at most {most} seeds the seed level is "
+        "coarse: read them as a guide to which differences are larger than the training noise, not as tests.",
         "",
     ]
-    by = {(r["method"], r["scaling"], r["metric"]): r for r in rows}
     label = {"T1": "T = 1", "Tfit": "one T", "Tfit_near": "two T"}
     for t in ("T1", "Tfit", "Tfit_near"):
         keys = [k for k in BOOTSTRAP_KEYS if any((m, t, k) in by for m in METHODS)]

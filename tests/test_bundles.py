@@ -383,6 +383,32 @@ def test_shipped_hippocampus_models_load_plain():
         network.load_state_dict(state)  # strict
 
 
+@pytest.mark.parametrize("bundle", [HIPPO_BUNDLE, QUICKSTART], ids=lambda b: b.name)
+def test_shipped_records_name_the_inferer_the_bundle_serves_with(bundle):
+    """Every shipped record says which inferer it was fitted through, so serving through another one is reported:
+    the bundle's own inferer passes, mirror test-time augmentation (not what it was calibrated with) does not."""
+    from monai_nacl.conformal.record import check_conformal_record
+    from monai_nacl.inferers import MirrorInferer, describe_inferer
+    from monai_nacl.temperature import check_calibration_record
+
+    parser = ConfigParser()
+    parser.read_config(str(bundle / "configs" / "inference.json"))
+    inferer = parser.get_parsed_content("inferer")
+    weights = sorted((bundle / "models").glob("*.pt"))
+    assert weights
+    for path in weights:
+        record = json.loads(path.with_name(path.stem + ".calibration.json").read_text())
+        assert record["inferer"] == describe_inferer(inferer), path
+        assert check_calibration_record(path, inferer=inferer) == [], path
+        problems = check_calibration_record(path, inferer=MirrorInferer(inferer))
+        assert any("MirrorInferer" in p for p in problems), problems
+        conformal = path.with_name(path.stem + ".conformal.json")
+        if conformal.is_file():
+            assert json.loads(conformal.read_text())["inferer"] == describe_inferer(inferer), conformal
+            assert check_conformal_record(path, inferer=inferer) == [], conformal
+    assert (bundle / "models" / "model.conformal.json").is_file()
+
+
 @pytest.mark.parametrize("configs", [["train.json"], ["train.json", "train_dice_ce.json"]])
 def test_rotated_in_corners_keep_a_prior_that_sums_to_one(configs):
     from monai.transforms import RandAffined

@@ -164,7 +164,10 @@ class NACLBundleInferTask(BundleInferTask):
             rest = [k for k in on_device if k not in stale]
             for k in stale + rest[: max(0, len(rest) - (self.networks_per_device - 1))]:
                 del cache[k]
-            logger.info("Load %s on %s (%d other networks kept)", path, device, len(cache))
+            if stale:
+                logger.warning("Reload model for %s: %s changed on disk (or its calibration record did)", device, path)
+            else:
+                logger.info("Load %s on %s (%d other networks kept)", path, device, len(cache))
             network = super()._get_network(device, data)
             if self._networks.get(device) is not None:
                 cache[(device, key)] = self._networks[device]
