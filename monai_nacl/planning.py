@@ -14,6 +14,7 @@ import argparse
 import json
 import math
 from collections.abc import Sequence
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -27,25 +28,54 @@ def dataset_fingerprint(items: Sequence[dict], image_key: str = "image") -> dict
     """Median spacing and median shape (spatial axes, as stored) of the images in ``items``.
 
     Raises:
-        ValueError: ``items`` is empty, or an image cannot be read (the file is named).
+        ValueError: ``items`` is not a non-empty list of entries with an ``image_key`` path, or an image cannot be
+            read, has another number of axes than the first, or a spacing that is not finite and positive (the
+            file is named).
     """
+    if isinstance(items, (str, bytes, dict)) or not isinstance(items, Sequence):
+        raise ValueError(f"items must be a list of datalist entries (dicts), got {type(items).__name__}.")
     if not items:
         raise ValueError("no cases to fingerprint.")
     spacings, shapes = [], []
-    for item in items:
-        path = item[image_key]
-        path = path[0] if isinstance(path, (list, tuple)) else path
+    for i, item in enumerate(items):
+        path = item.get(image_key) if isinstance(item, dict) else None
+        path = path[0] if isinstance(path, (list, tuple)) and path else path
+        if not isinstance(path, (str, Path)):
+            raise ValueError(f"case {i} of the datalist has no {image_key!r} path: {item!r}")
         try:
             header = nib.load(str(path)).header
         except Exception as e:  # nibabel raises several types for unreadable files
             raise ValueError(f"cannot read {path}: {e}") from e
         spacings.append([float(z) for z in header.get_zooms()[:3]])
         shapes.append([int(s) for s in header.get_data_shape()[:3]])
+        if len(shapes[-1]) != len(shapes[0]):
+            raise ValueError(f"{path} has {len(shapes[-1])} spatial axes, the first case {len(shapes[0])}.")
+        if not all(math.isfinite(z) and z > 0 for z in spacings[-1]):
+            raise ValueError(f"{path}: its header's voxel spacing {spacings[-1]} is not finite and positive.")
     return {
         "cases": len(items),
         "median_spacing": [float(v) for v in np.median(np.array(spacings), 0)],
         "median_shape": [float(v) for v in np.median(np.array(shapes), 0)],
     }
+
+
+def _check_whole(name: str, value, low: int, high: int | None = None) -> None:
+    ok = isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= low
+    if not ok or (high is not None and value > high):
+        bounds = f"from {low} to {high}" if high is not None else f"of at least {low}"
+        raise ValueError(f"{name} must be an integer {bounds}, got {value!r}.")
+
+
+def _finite_positive(name: str, values) -> list[float]:
+    if isinstance(values, (str, bytes)) or not isinstance(values, (Sequence, np.ndarray)) or len(values) == 0:
+        raise ValueError(f"{name} must be a non-empty sequence of numbers, got {values!r}.")
+    try:
+        out = [float(v) for v in values]
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a sequence of numbers, got {values!r}.") from None
+    if not all(math.isfinite(v) and v > 0 for v in out):
+        raise ValueError(f"{name} must hold finite positive numbers, got {out}.")
+    return out
 
 
 def plan_dynunet(
@@ -71,16 +101,17 @@ def plan_dynunet(
         "max_filters"}``.
 
     Raises:
-        ValueError: lengths differ, a non-positive spacing or shape, or ``max_filters`` below 1.
+        ValueError: lengths differ; a spacing or shape that is not a sequence of finite positive numbers;
+            ``max_filters``, ``max_patch_voxels`` or ``min_feature_size`` not a positive integer; ``max_levels``
+            not an integer from 1 to 7 (one filter count per level).
     """
-    if isinstance(max_filters, bool) or int(max_filters) != max_filters or max_filters < 1:
-        raise ValueError(f"max_filters must be a positive integer, got {max_filters!r}.")
-    spacing = [float(s) for s in spacing]
-    shape = [float(s) for s in median_shape]
-    if len(spacing) != len(shape) or not spacing:
+    _check_whole("max_filters", max_filters, 1)
+    _check_whole("max_patch_voxels", max_patch_voxels, 1)
+    _check_whole("min_feature_size", min_feature_size, 1)
+    _check_whole("max_levels", max_levels, 1, len(FILTERS))
+    spacing, shape = _finite_positive("spacing", spacing), _finite_positive("median_shape", median_shape)
+    if len(spacing) != len(shape):
         raise ValueError(f"spacing and median_shape must have the same length, got {spacing} and {shape}.")
-    if min(spacing) <= 0 or min(shape) <= 0:
-        raise ValueError(f"spacing and median_shape must be positive, got {spacing} and {shape}.")
     patch = [max(int(math.ceil(s)), 1) for s in shape]
     while math.prod(patch) > max_patch_voxels:
         axis = int(np.argmax(np.array(patch) * np.array(spacing)))  # the physically longest axis
@@ -126,10 +157,19 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--max-patch-voxels", type=int, default=128**3)
     ap.add_argument("--max-filters", type=int, default=320, help="most feature maps at any level")
     args = ap.parse_args(argv)
-    fingerprint = dataset_fingerprint(load_datalist(args.datalist, args.dataset_dir)["training"])
-    plan = plan_dynunet(
-        fingerprint["median_spacing"], fingerprint["median_shape"], args.max_patch_voxels, max_filters=args.max_filters
-    )
+    try:
+        datalist = load_datalist(args.datalist, args.dataset_dir)
+        if "training" not in datalist:
+            raise ValueError(f"{args.datalist} has no 'training' split (keys: {sorted(datalist)}).")
+        fingerprint = dataset_fingerprint(datalist["training"])
+        plan = plan_dynunet(
+            fingerprint["median_spacing"],
+            fingerprint["median_shape"],
+            args.max_patch_voxels,
+            max_filters=args.max_filters,
+        )
+    except (ValueError, FileNotFoundError) as e:
+        ap.error(str(e))
     print(json.dumps({"fingerprint": fingerprint, "plan": plan}, indent=4))
     return plan
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -51,6 +52,68 @@ def test_patch_budget_and_bad_input():
         plan_dynunet([1.0, 0.0, 1.0], [10, 10, 10])
     with pytest.raises(ValueError, match="no cases"):
         dataset_fingerprint([])
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"max_patch_voxels": 0}, "max_patch_voxels must be an integer of at least 1, got 0"),  # used to loop forever
+        ({"max_patch_voxels": -5}, "max_patch_voxels"),
+        ({"max_levels": 8}, "max_levels must be an integer from 1 to 7, got 8"),  # one filter count per level
+        ({"max_levels": 0}, "max_levels"),
+        ({"min_feature_size": 0}, "min_feature_size"),
+        ({"max_filters": "a"}, "max_filters"),
+        ({"max_filters": float("nan")}, "max_filters"),
+        ({"spacing": [float("nan"), 1, 1]}, "spacing must hold finite positive numbers"),
+        ({"spacing": [float("inf"), 1, 1]}, "spacing must hold finite positive numbers"),
+        ({"median_shape": [64, float("nan"), 64]}, "median_shape must hold finite positive numbers"),
+        ({"spacing": "111"}, "spacing must be a non-empty sequence of numbers"),
+        ({"median_shape": [64, "a", 64]}, "median_shape must be a sequence of numbers"),
+    ],
+)
+def test_plan_refuses_bad_arguments(kwargs, message):
+    args = {"spacing": [1.0, 1.0, 1.0], "median_shape": [64, 64, 64], **kwargs}
+    with pytest.raises(ValueError, match=re.escape(message)):
+        plan_dynunet(**args)
+
+
+def test_fingerprint_refuses_bad_datalists(tmp_path):
+    import nibabel as nib
+    import numpy as np
+
+    with pytest.raises(ValueError, match="list of datalist entries"):
+        dataset_fingerprint({"training": []})
+    with pytest.raises(ValueError, match="case 0 of the datalist has no 'image' path"):
+        dataset_fingerprint([{"label": "x.nii.gz"}])
+    nib.save(nib.Nifti1Image(np.zeros((4, 4, 4), np.float32), np.eye(4)), tmp_path / "a.nii.gz")
+    with pytest.raises(ValueError, match="case 1 of the datalist has no 'image' path"):
+        dataset_fingerprint([{"image": str(tmp_path / "a.nii.gz")}, "b.nii.gz"])
+    nib.save(nib.Nifti1Image(np.zeros((4, 4), np.float32), np.eye(4)), tmp_path / "b.nii.gz")
+    with pytest.raises(ValueError, match="b.nii.gz has 2 spatial axes, the first case 3"):
+        dataset_fingerprint([{"image": str(tmp_path / f)} for f in ("a.nii.gz", "b.nii.gz")])
+    bad = nib.Nifti1Image(np.zeros((4, 4, 4), np.float32), np.eye(4))
+    bad.header.set_zooms((1.0, float("nan"), 1.0))
+    nib.save(bad, tmp_path / "c.nii.gz")
+    with pytest.raises(ValueError, match="c.nii.gz: its header's voxel spacing"):
+        dataset_fingerprint([{"image": str(tmp_path / "c.nii.gz")}])
+
+
+def test_planning_command_reports_errors_without_a_traceback(tmp_path, capsys):
+    from monai_nacl.planning import main
+
+    (tmp_path / "data").mkdir()
+    (tmp_path / "dl.json").write_text('{"validation": []}')
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(tmp_path / "dl.json"), str(tmp_path / "data")])
+    assert exit_info.value.code == 2 and "has no 'training' split" in capsys.readouterr().err
+    import nibabel as nib
+    import numpy as np
+
+    nib.save(nib.Nifti1Image(np.zeros((4, 4, 4), np.float32), np.eye(4)), tmp_path / "data" / "a.nii.gz")
+    (tmp_path / "dl.json").write_text('{"training": [{"image": "a.nii.gz"}]}')
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(tmp_path / "dl.json"), str(tmp_path / "data"), "--max-patch-voxels", "0"])
+    assert exit_info.value.code == 2 and "max_patch_voxels must be an integer" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(not (HIPPOCAMPUS / "dataset.json").is_file(), reason=f"MSD Task04 Hippocampus not at {HIPPOCAMPUS}")
