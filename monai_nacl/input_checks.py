@@ -20,6 +20,7 @@ __all__ = [
     "check_num_classes",
     "check_number",
     "check_integer",
+    "check_bool",
     "check_ignore_index",
     "check_class_weight",
     "check_logits",
@@ -112,6 +113,17 @@ def check_integer(value: object, name: str, minimum: int | None = None) -> int:
     if minimum is not None and v < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {int(v)}.")
     return int(v)
+
+
+def check_bool(value: object, name: str) -> bool:
+    """``value`` as a ``bool``: Python and NumPy booleans only (a config's ``"false"`` is truthy, so it is refused).
+
+    Raises:
+        ValueError: anything else (the message names the value and its type).
+    """
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    raise ValueError(f"{name} must be true or false, got {_describe(value)}.")
 
 
 def check_ignore_index(ignore_index: object) -> int | None:

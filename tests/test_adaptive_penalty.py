@@ -326,6 +326,7 @@ def test_empty_round_keeps_the_weights(caplog):
         ({"output_transform": "logits"}, "output_transform must be callable"),
         ({"name": 3}, "name must be a string"),
         ({"prior_key": 3}, "prior_key must be a string"),
+        ({"enabled": "no"}, "enabled must be true or false"),  # a truthy string would have left it on
     ],
 )
 def test_bad_arguments(kwargs, match):
@@ -346,6 +347,14 @@ def test_bad_loss_state_and_outputs(rng):
         handler.load_state_dict({"penalty_weight": [0.1, 0.2]})
     with pytest.raises(ValueError, match="state must be a dict with 'penalty_weight'"):
         handler.load_state_dict({"lambda": [0.1, 0.2, 0.3]})
+    # a checkpoint from before lambda_max was lowered: refused, not used until the next round clips it
+    with pytest.raises(ValueError, match="outside \\[lambda_min, lambda_max\\] = \\[0.0, 1.0\\]"):
+        handler.load_state_dict({"penalty_weight": [5.0, 5.0, 5.0]})
+    with pytest.raises(ValueError, match="state\\['rounds'\\] must be an integer"):
+        handler.load_state_dict({"penalty_weight": [0.1, 0.2, 0.3], "rounds": "x"})
+    with pytest.raises(ValueError, match="state\\['last_statistic'\\] must hold 3"):
+        handler.load_state_dict({"penalty_weight": [0.1, 0.2, 0.3], "last_statistic": [0.1]})
+    assert handler.penalty_weight.tolist() == [0.1] * 3 and handler.rounds == 0  # nothing half-loaded
     with pytest.raises(ValueError, match="statistic must hold 3 values"):
         handler.step([0.1])
     x, y = _batch(rng)

@@ -113,6 +113,21 @@ def test_bad_arguments():
         AlphaSchedule(HardL1ACELoss(3))
     with pytest.raises(ValueError, match="no float alpha"):
         AlphaSchedule(DeepSupervisionLoss(HardL1ACELoss(3)))
+    with pytest.raises(ValueError, match="enabled must be true or false"):
+        AlphaSchedule(loss, enabled="false")  # a truthy string would have left the schedule on
+
+
+def test_refuses_a_loss_whose_alpha_is_replaced_by_per_class_weights():
+    """Per-class penalty weights replace alpha: scheduling alpha would change nothing, silently."""
+    from monai_nacl.handlers import ClassAdaptivePenalty
+
+    with pytest.raises(ValueError, match="per-class penalty weights set"):
+        AlphaSchedule(NACLLoss(3, penalty_weight=[0.1, 0.2, 0.2]), end_alpha=5.0)
+    loss = NACLLoss(3)
+    schedule = AlphaSchedule(loss, end_alpha=5.0, ramp_epochs=1)  # built first: checked when an epoch starts
+    ClassAdaptivePenalty(loss, margin=0.1)
+    with pytest.raises(ValueError, match="per-class penalty weights set"):
+        _run(schedule, 1)
 
 
 def test_bundle_style_construction():

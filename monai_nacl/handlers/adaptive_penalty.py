@@ -15,6 +15,7 @@ from monai.handlers import from_engine
 
 from monai_nacl.input_checks import (
     as_tensor,
+    check_bool,
     check_integer,
     check_logits,
     check_number,
@@ -207,7 +208,7 @@ class ClassAdaptivePenalty:
         if prior_key is not None and not isinstance(prior_key, str):
             raise ValueError(f"prior_key must be a string or None, got {prior_key!r} ({type(prior_key).__name__}).")
         self.output_transform, self.name, self.prior_key = output_transform, name, prior_key
-        self.enabled = bool(enabled)
+        self.enabled = check_bool(enabled, "enabled")
         self.loss = loss
         self.target = _find_loss(loss)
         self.num_classes = int(self.target.num_classes)
@@ -417,14 +418,21 @@ class ClassAdaptivePenalty:
         """Restore ``λ`` (and set it on the loss), the round count and the last statistic.
 
         Raises:
-            ValueError: a state without ``penalty_weight``, or one with a wrong class count or invalid values.
+            ValueError: a state without ``penalty_weight``, or one with a wrong class count, invalid values or weights
+                outside ``[lambda_min, lambda_max]``.
         """
         if not isinstance(state, dict) or "penalty_weight" not in state:
             raise ValueError(f"state must be a dict with 'penalty_weight', got {type(state).__name__}.")
         lam = check_penalty_weight(state["penalty_weight"], self.num_classes, "state['penalty_weight']")
-        self.penalty_weight = lam
-        self.rounds = int(state.get("rounds", 0))
+        if bool((lam < self.lambda_min).any()) or bool((lam > self.lambda_max).any()):
+            raise ValueError(
+                f"state['penalty_weight'] {lam.tolist()} lies outside [lambda_min, lambda_max] = "
+                f"[{self.lambda_min}, {self.lambda_max}] (were the bounds changed since the checkpoint was written?)."
+            )
+        rounds = check_integer(state.get("rounds", 0), "state['rounds']", minimum=0)
         last = state.get("last_statistic")
-        self.last_statistic = None if last is None else torch.as_tensor(last, dtype=torch.float64)
+        if last is not None:
+            last = check_penalty_weight(last, self.num_classes, "state['last_statistic']")
+        self.penalty_weight, self.rounds, self.last_statistic = lam, rounds, last
         if self.enabled:
             self.target.penalty_weight = lam

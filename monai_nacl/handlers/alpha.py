@@ -6,7 +6,7 @@ import math
 
 from ignite.engine import Engine, Events
 
-from monai_nacl.input_checks import check_integer, check_number
+from monai_nacl.input_checks import check_bool, check_integer, check_number
 
 __all__ = ["AlphaSchedule"]
 
@@ -45,8 +45,9 @@ class AlphaSchedule:
         enabled: ``False`` makes the handler a no-op that attaches nothing (for a bundle override).
 
     Raises:
-        ValueError: an unknown ``schedule``; an invalid number (each message names the argument); a ``loss``
-            without an ``alpha`` attribute, directly or at ``.loss``.
+        ValueError: an unknown ``schedule``; an invalid number or ``enabled`` (each message names the argument); a
+            ``loss`` without an ``alpha`` attribute, directly or at ``.loss``; a loss whose per-class
+            ``penalty_weight`` replaces ``alpha`` (checked again at every epoch start).
 
     Example (bundle config, ``train#handlers``)::
 
@@ -79,10 +80,21 @@ class AlphaSchedule:
         self.warmup_epochs = check_integer(warmup_epochs, "warmup_epochs", minimum=0)
         self.ramp_epochs = check_integer(ramp_epochs, "ramp_epochs", minimum=0)
         self.num_steps = check_integer(num_steps, "num_steps", minimum=1)
-        self.enabled = bool(enabled)
+        self.enabled = check_bool(enabled, "enabled")
         self.loss = loss
         self.target = self._find_target(loss) if self.enabled else None
         self.last_alpha: float | None = None
+        if self.target is not None:
+            self._check_alpha_is_used()
+
+    def _check_alpha_is_used(self) -> None:
+        """Per-class penalty weights (``penalty_weight=``, or a ``ClassAdaptivePenalty`` on the same loss) replace
+        ``alpha``: a schedule of ``alpha`` would then change nothing, silently."""
+        if getattr(self.target, "penalty_weight", None) is not None:
+            raise ValueError(
+                f"the loss ({type(self.target).__name__}) has per-class penalty weights set (penalty_weight, e.g. by "
+                "ClassAdaptivePenalty), which replace alpha: AlphaSchedule would change nothing. Use one of the two."
+            )
 
     @staticmethod
     def _find_target(loss):
@@ -119,6 +131,7 @@ class AlphaSchedule:
             engine.add_event_handler(Events.EPOCH_STARTED, self)
 
     def __call__(self, engine: Engine) -> None:
+        self._check_alpha_is_used()  # a ClassAdaptivePenalty may have been attached after this schedule was built
         alpha = float(self.value(engine.state.epoch - 1))
         self.target.alpha = alpha
         self.last_alpha = alpha

@@ -6,6 +6,8 @@ import torch
 from ignite.engine import Engine
 from monai.engines.utils import IterationEvents
 
+from monai_nacl.input_checks import check_bool
+
 __all__ = ["PriorFromBatch"]
 
 
@@ -30,7 +32,7 @@ class PriorFromBatch:
     """
 
     def __init__(self, loss, key: str = "prior", enabled: bool = True) -> None:
-        self.enabled = bool(enabled)
+        self.enabled = check_bool(enabled, "enabled")
         if self.enabled and not hasattr(loss, "use_prior_once"):
             raise ValueError(f"{type(loss).__name__} cannot take a prior (no use_prior_once method).")
         self.loss, self.key = loss, key
