@@ -568,14 +568,53 @@ def test_dynunet_mirror_tta_option(tta):
         assert isinstance(inferer, SlidingWindowInferer) and inferer.mode == "gaussian"
 
 
-def test_gpu_script_plans_its_time(tmp_path):
-    """Start-up (caching, network build) is paid once, validation every val_interval epochs and at the end: the
-    plan reads both from the probe's log instead of dividing its wall time by its epochs."""
+def _gpu_script():
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("gpu_hippocampus_under_test", ROOT / "tools" / "gpu_hippocampus.py")
     gpu = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(gpu)
+    return gpu
+
+
+def test_gpu_script_unpack_refuses_what_does_not_add_up(tmp_path, monkeypatch, capsys):
+    """A device call can leave out a file past its limits: a lost last part must not be joined into a shorter
+    model.pt with exit 0. The manifest in the archive (size and sha256 of each model) tells."""
+    gpu = _gpu_script()
+    monkeypatch.setattr(gpu, "PART_BYTES", 1000)
+    run = tmp_path / "run"
+    weights = run / "final" / "nacl" / "models" / "model.pt"
+    weights.parent.mkdir(parents=True)
+    weights.write_bytes(bytes(range(256)) * 10)  # 2560 bytes: 3 parts
+    (weights.parent / "model.calibration.json").write_text("{}")
+    back = tmp_path / "back"
+    names = sorted(p.name for p in gpu.pack(run, back))
+    assert names == ["gpu_run.tar.gz"] + [f"model_nacl.pt.part{i}" for i in range(3)]
+    # whole: joined as trained; the model the run did not finish is reported
+    assert gpu.unpack(back, tmp_path / "ok") == [tmp_path / "ok" / "final" / "nacl" / "models" / "model.pt"]
+    assert (tmp_path / "ok" / "final" / "nacl" / "models" / "model.pt").read_bytes() == weights.read_bytes()
+    assert "no weights of model dice_ce" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="already holds files"):
+        gpu.unpack(back, tmp_path / "ok")
+    # the last part lost: refused, and nothing written
+    (back / "model_nacl.pt.part2").unlink()
+    with pytest.raises(SystemExit, match=r"incomplete, missing \['model_nacl.pt.part2'\]"):
+        gpu.unpack(back, tmp_path / "lost")
+    assert not (tmp_path / "lost").exists()
+    # a part of the wrong size or content
+    (back / "model_nacl.pt.part2").write_bytes(b"x" * 500)
+    with pytest.raises(SystemExit, match="do not match the manifest"):
+        gpu.unpack(back, tmp_path / "bad")
+    # an archive that is not one
+    (back / "gpu_run.tar.gz").write_bytes(b"not a tar")
+    with pytest.raises(SystemExit, match="cannot be read"):
+        gpu.unpack(back, tmp_path / "bad")
+
+
+def test_gpu_script_plans_its_time(tmp_path):
+    """Start-up (caching, network build) is paid once, validation every val_interval epochs and at the end: the
+    plan reads both from the probe's log instead of dividing its wall time by its epochs."""
+    gpu = _gpu_script()
     prefix = "2026-11-29 00:35:50,473 - ignite.engine.engine"
     log = tmp_path / "train.log"
     log.write_text(

@@ -161,27 +161,40 @@ def cuda_checks(out: Path, budget: float) -> list[str]:
 PART_BYTES = 15 * 2**20  # a device call brings back files of at most 16 MiB
 
 
+MANIFEST = "weights_manifest.json"
+
+
 def pack(out: Path, dest: Path) -> list[Path]:
     """What a device call can bring back (at most 8 files, 16 MiB each, two folders deep): the final weights of each
     model as ``model_<model>.pt`` (in parts ``model_<model>.pt.part0``, ``.part1``... when larger than 15 MiB) and one
     ``gpu_run.tar.gz`` of everything else under ``out`` but weights and checkpoints (logs, timings, facts, calibration
-    records, TensorBoard events, benchmark output). :func:`unpack` puts it back together."""
+    records, TensorBoard events, benchmark output), with a manifest of each model's files, size and sha256 so that
+    :func:`unpack` can tell a lost part from a whole file."""
+    import hashlib
     import tarfile
 
     dest.mkdir(parents=True, exist_ok=True)
-    written = []
+    written, manifest = [], {}
     for model in MODELS:
         weights = out / "final" / model / "models" / "model.pt"
         if not weights.is_file():
             continue
         data = weights.read_bytes()
         if len(data) <= PART_BYTES:
-            written.append(Path(shutil.copyfile(weights, dest / f"model_{model}.pt")))
-            continue
-        for i in range(0, len(data), PART_BYTES):
-            part = dest / f"model_{model}.pt.part{i // PART_BYTES}"
-            part.write_bytes(data[i : i + PART_BYTES])
-            written.append(part)
+            files = [Path(shutil.copyfile(weights, dest / f"model_{model}.pt"))]
+        else:
+            files = []
+            for i in range(0, len(data), PART_BYTES):
+                part = dest / f"model_{model}.pt.part{i // PART_BYTES}"
+                part.write_bytes(data[i : i + PART_BYTES])
+                files.append(part)
+        written += files
+        manifest[model] = {
+            "files": [f.name for f in files],
+            "bytes": len(data),
+            "sha256": hashlib.sha256(data).hexdigest(),
+        }
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=2))
     archive = dest / "gpu_run.tar.gz"
     with tarfile.open(archive, "w:gz") as tar:
         for f in sorted(out.rglob("*")):
@@ -193,31 +206,54 @@ def pack(out: Path, dest: Path) -> list[Path]:
 
 
 def unpack(src: Path, out: Path) -> list[Path]:
-    """The files a device call brought back (``src``, written by :func:`pack`) as the run's folder ``out``: the archive
-    extracted, and each model's weights (joined from their parts) at ``final/<model>/models/model.pt``, beside the
-    calibration record the archive holds. Returns the weights written.
+    """The files a device call brought back (``src``, written by :func:`pack`) as the run's folder ``out``: every
+    model's weights joined from their files and checked against the archive's manifest (size and sha256) first,
+    then the archive extracted and the weights written at ``final/<model>/models/model.pt``, beside the calibration
+    record the archive holds. Returns the weights written; a model the run did not finish is reported.
 
     Raises:
-        SystemExit: no ``gpu_run.tar.gz`` in ``src``, or parts missing (a gap in the numbering).
+        SystemExit: ``src`` holds no readable ``gpu_run.tar.gz`` with a manifest; a model's files are missing or
+            do not add up to its size and sha256 (nothing is written then); ``out`` already holds files.
     """
+    import hashlib
     import tarfile
 
-    if not (src / "gpu_run.tar.gz").is_file():
+    archive = src / "gpu_run.tar.gz"
+    if not archive.is_file():
         raise SystemExit(f"{src}: no gpu_run.tar.gz (not a packed GPU run)")
+    if out.exists() and any(out.iterdir()):
+        raise SystemExit(f"{out} already holds files: unpack into a new folder (--out), not over another run")
+    try:
+        with tarfile.open(archive) as tar:
+            member = tar.extractfile(MANIFEST) if MANIFEST in tar.getnames() else None
+            if member is None:
+                raise SystemExit(f"{archive}: no {MANIFEST} in it (not written by --pack)")
+            manifest = json.loads(member.read())
+    except (tarfile.TarError, OSError, EOFError, ValueError) as e:
+        raise SystemExit(f"{archive} cannot be read: {e}") from None
+    joined = {}
+    for model, entry in manifest.items():
+        missing = [name for name in entry["files"] if not (src / name).is_file()]
+        if missing:
+            raise SystemExit(f"{src}: model {model}'s weights are incomplete, missing {missing} of {entry['files']}")
+        data = b"".join((src / name).read_bytes() for name in entry["files"])
+        if len(data) != entry["bytes"] or hashlib.sha256(data).hexdigest() != entry["sha256"]:
+            raise SystemExit(
+                f"{src}: model {model}'s files {entry['files']} join to {len(data)} bytes that do not match the "
+                f"manifest ({entry['bytes']} bytes, sha256 {entry['sha256'][:12]}...)"
+            )
+        joined[model] = data
+    for model in MODELS:
+        if model not in manifest:
+            print(f"{src}: no weights of model {model} (the run did not finish it; see gpu_hippocampus.log)")
     out.mkdir(parents=True, exist_ok=True)
-    with tarfile.open(src / "gpu_run.tar.gz") as tar:
+    with tarfile.open(archive) as tar:
         tar.extractall(out, filter="data")
     weights = []
-    for model in MODELS:
-        parts = sorted(src.glob(f"model_{model}.pt.part*"), key=lambda p: int(p.name.rsplit("part", 1)[1]))
-        if [int(p.name.rsplit("part", 1)[1]) for p in parts] != list(range(len(parts))):
-            raise SystemExit(f"{src}: parts of model_{model}.pt missing: {[p.name for p in parts]}")
-        whole = src / f"model_{model}.pt"
-        if not parts and not whole.is_file():
-            continue
+    for model, data in joined.items():
         target = out / "final" / model / "models" / "model.pt"
         target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_bytes(b"".join(p.read_bytes() for p in parts) if parts else whole.read_bytes())
+        target.write_bytes(data)
         weights.append(target)
     return weights
 
