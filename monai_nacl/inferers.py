@@ -4,6 +4,7 @@ keep (the probabilities a temperature or a conformal threshold was fitted on dep
 from __future__ import annotations
 
 import itertools
+import numbers
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -29,7 +30,9 @@ class MirrorInferer(Inferer):
         spatial_axes: spatial axes to mirror, counted from the first spatial dimension (0, 1, 2 for 3D).
 
     Raises:
-        ValueError: ``spatial_axes`` empty, repeated, negative or beyond the input's spatial dimensions.
+        ValueError: ``spatial_axes`` empty, repeated, negative, not integers or beyond the input's spatial
+            dimensions; ``inferer`` a class or not a MONAI ``Inferer``; an output that is not floating point or not of the
+            input's spatial shape.
 
     Example::
 
@@ -38,17 +41,27 @@ class MirrorInferer(Inferer):
         logits = inferer(image, network)  # the mean over 8 mirrorings
     """
 
-    def __init__(self, inferer: Inferer | None = None, spatial_axes: Sequence[int] = (0, 1, 2)) -> None:
+    def __init__(self, inferer: Inferer | None = None, spatial_axes: Sequence[int] | int = (0, 1, 2)) -> None:
         super().__init__()
-        axes = tuple(int(a) for a in spatial_axes)
+        given = (spatial_axes,) if isinstance(spatial_axes, numbers.Integral) else spatial_axes
+        if isinstance(given, (str, bytes)) or not isinstance(given, Sequence):
+            raise ValueError(f"spatial_axes must be an axis or a sequence of axes, got {spatial_axes!r}")
+        if not all(isinstance(a, numbers.Integral) and not isinstance(a, bool) for a in given):
+            raise ValueError(f"spatial_axes must hold integers, got {list(given)!r}")
+        axes = tuple(int(a) for a in given)
         if not axes or len(set(axes)) != len(axes) or min(axes) < 0:
-            raise ValueError(f"spatial_axes must be distinct non-negative axes, got {tuple(spatial_axes)}")
-        if inferer is not None and not callable(inferer):
-            raise ValueError(f"inferer must be a MONAI inferer (callable), got {type(inferer).__name__}")
+            raise ValueError(f"spatial_axes must be distinct non-negative axes, got {axes}")
+        if isinstance(inferer, type):
+            raise ValueError(f"inferer must be an inferer object, got the class {inferer.__name__} (instantiate it)")
+        if inferer is not None and not isinstance(inferer, Inferer):
+            # calibration records describe the inner inferer, which needs its settings
+            raise ValueError(f"inferer must be a MONAI Inferer object, got {type(inferer).__name__}")
         self.inferer = inferer
         self.spatial_axes = axes
 
     def __call__(self, inputs: torch.Tensor, network: Callable[..., torch.Tensor], *args: Any, **kwargs: Any):
+        if not isinstance(inputs, torch.Tensor):
+            raise TypeError(f"MirrorInferer needs a batched tensor input (B, C, *spatial), got {type(inputs).__name__}")
         spatial_dims = inputs.ndim - 2
         if max(self.spatial_axes) >= spatial_dims:
             raise ValueError(
@@ -65,6 +78,12 @@ class MirrorInferer(Inferer):
                 out = run(x, network, *args, **kwargs)
                 if not isinstance(out, torch.Tensor):
                     raise TypeError(f"MirrorInferer needs a tensor output, the network returned {type(out).__name__}")
+                # flipping back aligns the output with the input only voxel for voxel, and averaging needs floats
+                if out.shape[2:] != inputs.shape[2:] or not out.is_floating_point():
+                    raise ValueError(
+                        f"MirrorInferer needs floating-point outputs of the input's spatial shape "
+                        f"{tuple(inputs.shape[2:])}, got {out.dtype} of shape {tuple(out.shape)}"
+                    )
                 out = torch.flip(out, dims) if dims else out
                 # half-precision (AMP) outputs are summed in float32, float64 stays float64
                 acc = out.to(torch.promote_types(out.dtype, torch.float32))
@@ -104,11 +123,17 @@ def describe_inferer(inferer: Any) -> str | None:
 
     Returns:
         the description, or ``None`` for ``None``.
+
+    Raises:
+        ValueError: ``inferer`` is a class, or neither an ``Inferer`` nor a string.
     """
     from monai.inferers import SlidingWindowInferer, SlidingWindowInfererAdapt
 
     if inferer is None or isinstance(inferer, str):
         return inferer
+    if isinstance(inferer, type) or not isinstance(inferer, Inferer):
+        # any two plain functions would otherwise get one description and pass for the same inferer
+        raise ValueError(f"describe_inferer takes a MONAI Inferer object or a description string, got {inferer!r}")
     if isinstance(inferer, MirrorInferer):
         inner = describe_inferer(inferer.inferer) if inferer.inferer is not None else "SimpleInferer()"
         return f"MirrorInferer(spatial_axes={sorted(_plain(inferer.spatial_axes))}, {inner})"

@@ -8,7 +8,7 @@ import pytest
 import torch
 from monai.inferers import SlidingWindowInferer
 
-from monai_nacl.inferers import MirrorInferer
+from monai_nacl.inferers import MirrorInferer, describe_inferer
 
 
 def _net():
@@ -51,10 +51,33 @@ def test_subset_of_axes():
     assert torch.allclose(got, expected, atol=1e-12)
 
 
-@pytest.mark.parametrize("axes", [[], [0, 0], [-1]])
+@pytest.mark.parametrize("axes", [[], [0, 0], [-1], [0.7], [True], ["x"], "01", None])
 def test_bad_axes(axes):
     with pytest.raises(ValueError, match="spatial_axes"):
         MirrorInferer(spatial_axes=axes)
+
+
+def test_one_axis_and_bad_inferers():
+    from monai.inferers import SimpleInferer
+
+    assert MirrorInferer(spatial_axes=2).spatial_axes == (2,)
+    with pytest.raises(ValueError, match="the class SimpleInferer"):
+        MirrorInferer(SimpleInferer)
+    with pytest.raises(ValueError, match="MONAI Inferer object, got function"):
+        MirrorInferer(lambda x, net: net(x))
+    for bad in (3, lambda x: x, SimpleInferer):
+        with pytest.raises(ValueError, match="describe_inferer takes a MONAI Inferer"):
+            describe_inferer(bad)
+
+
+def test_outputs_that_cannot_be_flipped_back_are_refused():
+    x = torch.zeros(1, 1, 4, 4, 4)
+    with pytest.raises(ValueError, match=r"spatial shape \(4, 4, 4\), got torch.float32 of shape \(1, 1, 4, 4, 2\)"):
+        MirrorInferer()(x, lambda t: t[..., :2])
+    with pytest.raises(ValueError, match="floating-point outputs"):
+        MirrorInferer()(x, lambda t: t.long())
+    with pytest.raises(TypeError, match="batched tensor input"):
+        MirrorInferer()([x], lambda t: t)
 
 
 def test_axes_beyond_the_input_are_named():
@@ -65,7 +88,6 @@ def test_axes_beyond_the_input_are_named():
 def test_describe_inferer_keeps_what_changes_the_probabilities():
     from monai.inferers import SimpleInferer, SlidingWindowInferer, SlidingWindowInfererAdapt
 
-    from monai_nacl.inferers import describe_inferer
 
     window = SlidingWindowInferer(roi_size=(40, 56, 40), sw_batch_size=1, overlap=0.25)
     assert describe_inferer(window) == (
@@ -116,7 +138,6 @@ def test_records_name_their_inferer_and_inference_with_another_is_reported(tmp_p
         save_conformal,
         warn_if_conformal_stale,
     )
-    from monai_nacl.inferers import describe_inferer
     from monai_nacl.temperature import (
         TemperatureScaled,
         check_calibration_record,
