@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Mapping, Sequence
 
+import numpy as np
 import torch
 from monai.engines.utils import PrepareBatch
 
@@ -62,8 +65,8 @@ class PriorOnDevice(PrepareBatch):
         dtype: dtype of τ.
 
     Raises:
-        ValueError: bad options (named), ``padding="zeros"``, ``neighborhood_mm`` without ``spacing``; at run time a
-            batch without the keys, a label that is not ``B,1,*spatial`` or holds values outside ``[0, C)``, a patch
+        ValueError: bad options (named), ``padding="zeros"``, ``neighborhood_mm`` without ``spacing``, keys that are
+            not three different strings; at run time a batch that is not a dict or lacks the keys, a label that is not ``B,1,*spatial`` or holds values outside ``[0, C)``, a patch
             no larger than ``2 * halo``, or one of the wrong size.
 
     Example (a bundle override; the crop takes ``train#crop_size``)::
@@ -114,9 +117,14 @@ class PriorOnDevice(PrepareBatch):
                 raise ValueError(
                     "neighborhood_mm needs spacing (the training volumes' voxel size in mm, e.g. @pixdim)."
                 )
-            spacing = [float(s) for s in spacing]
-            if not spacing or not all(s > 0 for s in spacing):
-                raise ValueError(f"spacing must be positive numbers, got {spacing}.")
+            if isinstance(spacing, (str, bytes)) or not isinstance(spacing, (Sequence, np.ndarray, torch.Tensor)):
+                raise ValueError(f"spacing must be a sequence of positive numbers (one per axis), got {spacing!r}.")
+            try:
+                spacing = [float(s) for s in spacing]
+            except (TypeError, ValueError):
+                raise ValueError(f"spacing must be a sequence of positive numbers, got {spacing!r}.") from None
+            if not spacing or not all(math.isfinite(s) and s > 0 for s in spacing):
+                raise ValueError(f"spacing must be finite positive numbers, got {spacing}.")
             self.kernel_size = kernel_size_from_spacing(cached.neighborhood_mm, spacing)
             self.sigma = sigma_from_spacing(cached.sigma, spacing)
         self.patch_size = None if patch_size is None else tuple(_check_patch_size(patch_size))
@@ -130,6 +138,11 @@ class PriorOnDevice(PrepareBatch):
         for key, name in ((image_key, "image_key"), (label_key, "label_key"), (prior_key, "prior_key")):
             if not isinstance(key, str):
                 raise ValueError(f"{name} must be a string, got {key!r}.")
+        if len({image_key, label_key, prior_key}) != 3:
+            # each is written back into the batch: a shared key would feed the network its label, or the loss its image
+            raise ValueError(
+                f"image_key, label_key and prior_key must differ, got {image_key!r}, {label_key!r}, {prior_key!r}."
+            )
         self.image_key, self.label_key, self.prior_key = image_key, label_key, prior_key
 
     def _sizes(self, spatial_dims: int) -> tuple[int, ...]:
@@ -173,6 +186,11 @@ class PriorOnDevice(PrepareBatch):
         Returns:
             ``(image, label)`` on ``device`` with the halo cut off (also written back to ``batchdata``).
         """
+        if not isinstance(batchdata, Mapping):
+            raise ValueError(
+                f"PriorOnDevice: the batch must be a dict of collated tensors (keys {self.image_key!r}, "
+                f"{self.label_key!r}), got {type(batchdata).__name__}."
+            )
         for key in (self.image_key, self.label_key):
             if key not in batchdata:
                 raise ValueError(f"PriorOnDevice: the batch has no '{key}' (keys: {sorted(batchdata)}).")
@@ -220,12 +238,12 @@ def _plain(value) -> torch.Tensor:
 
 
 def _check_patch_size(size: Sequence[int]) -> list[int]:
-    """``patch_size`` as positive integers."""
+    """``patch_size`` as positive integers (a list, tuple, 1-d array or tensor of integers)."""
+    if isinstance(size, (np.ndarray, torch.Tensor)) and size.ndim == 1:
+        size = size.tolist()
     if isinstance(size, (str, bytes)) or not isinstance(size, Sequence) or not size:
         raise ValueError(f"patch_size must be a sequence of positive integers, got {size!r}.")
-    out = []
-    for s in size:
-        if isinstance(s, bool) or int(s) != s or int(s) < 1:
-            raise ValueError(f"patch_size must be a sequence of positive integers, got {list(size)}.")
-        out.append(int(s))
-    return out
+    values = [s.item() if isinstance(s, (np.generic, torch.Tensor)) and s.ndim == 0 else s for s in size]
+    if not all(isinstance(s, numbers.Integral) and not isinstance(s, bool) and s >= 1 for s in values):
+        raise ValueError(f"patch_size must be a sequence of positive integers, got {list(size)}.")
+    return [int(s) for s in values]

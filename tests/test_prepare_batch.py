@@ -78,7 +78,17 @@ def test_halo_and_crop_size_follow_the_spacing():
     [
         ({"padding": "zeros"}, "padding must be one of"),
         ({"neighborhood_mm": 3.0}, "neighborhood_mm needs spacing"),
-        ({"neighborhood_mm": 3.0, "spacing": (1.0, -1.0, 1.0)}, "spacing must be positive"),
+        ({"neighborhood_mm": 3.0, "spacing": (1.0, -1.0, 1.0)}, "spacing must be finite positive"),
+        ({"neighborhood_mm": 3.0, "spacing": 1.5}, "spacing must be a sequence of positive numbers"),
+        ({"neighborhood_mm": 3.0, "spacing": "1.5"}, "spacing must be a sequence of positive numbers"),
+        ({"neighborhood_mm": 3.0, "spacing": (1.0, float("nan"), 1.0)}, "spacing must be finite positive"),
+        ({"patch_size": (8, "a", 8)}, "patch_size must be"),
+        ({"patch_size": (8, None, 8)}, "patch_size must be"),
+        ({"patch_size": (8, float("nan"), 8)}, "patch_size must be"),
+        ({"patch_size": (8, 8.5, 8)}, "patch_size must be"),
+        ({"prior_key": "label"}, "image_key, label_key and prior_key must differ"),
+        ({"image_key": "label"}, "image_key, label_key and prior_key must differ"),
+        ({"prior_key": "image"}, "image_key, label_key and prior_key must differ"),
         ({"kernel_size": 4}, "kernel_size"),
         ({"patch_size": (8, 0, 8)}, "patch_size must be"),
         ({"patch_size": "8"}, "patch_size must be"),
@@ -91,8 +101,17 @@ def test_bad_options_are_named(kwargs, message):
         PriorOnDevice(3, **kwargs)
 
 
+def test_patch_size_from_arrays_and_tensors():
+    import numpy as np
+
+    for size in (np.array([8, 8, 8]), torch.tensor([8, 8, 8]), [np.int64(8)] * 3):
+        assert PriorOnDevice(3, patch_size=size).patch_size == (8, 8, 8)
+
+
 def test_bad_batches_are_named():
     prepare = PriorOnDevice(3, kernel_size=3, patch_size=(4, 4, 4))
+    with pytest.raises(ValueError, match="the batch must be a dict of collated tensors"):
+        prepare((torch.zeros(2, 1, 6, 6, 6), torch.zeros(2, 1, 6, 6, 6)))
     good = {"image": torch.zeros(2, 1, 6, 6, 6), "label": torch.zeros(2, 1, 6, 6, 6)}
     with pytest.raises(ValueError, match="crop training patches at patch_size \\+ 2 \\* halo = \\[6, 6, 6\\]"):
         prepare({"image": torch.zeros(2, 1, 4, 4, 4), "label": torch.zeros(2, 1, 4, 4, 4)})
