@@ -650,10 +650,24 @@ def test_device_run_preparation(tmp_path):
     (src / "labelsTr").mkdir()
     (src / "dataset.json").write_text("{}")
     (src / "imagesTr" / "hippocampus_001.nii.gz").write_bytes(b"x")
+    with pytest.raises(SystemExit, match="no labelsTr/\\*.nii.gz there"):
+        prep.copy_data(src, tmp_path / "dest")
+    (src / "labelsTr" / "hippocampus_001.nii.gz").write_bytes(b"y")
     prep.copy_data(src, tmp_path / "dest")
     assert sorted(str(p.relative_to(tmp_path / "dest")) for p in (tmp_path / "dest").rglob("*") if p.is_file()) == [
         "dataset.json",
         "imagesTr/hippocampus_001.nii.gz",
+        "labelsTr/hippocampus_001.nii.gz",
     ]
     with pytest.raises(SystemExit, match="no MSD Task04 dataset.json"):
-        prep.copy_data(tmp_path / "nowhere", tmp_path / "dest2")
+        prep.copy_data(tmp_path / "nowhere", tmp_path / "dest")
+
+    # a copy that fails half-way keeps the previous one
+    def broken(folder):
+        (folder / "partial").write_text("x")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        prep._replace(tmp_path / "dest", broken)
+    assert (tmp_path / "dest" / "labelsTr" / "hippocampus_001.nii.gz").is_file()
+    assert not (tmp_path / "dest" / "partial").exists() and not (tmp_path / "dest.new").exists()

@@ -42,34 +42,70 @@ COMMAND = (
 )
 
 
-def download_wheels(dest: Path) -> list[Path]:
-    """The wheels of ``PACKAGES`` at the versions installed here, for CPython 3.12 on x86-64 Linux."""
+def _replace(dest: Path, fill) -> None:
+    """``fill`` a fresh folder beside ``dest``, then swap it in: a failure keeps the previous ``dest``."""
+    tmp = dest.with_name(dest.name + ".new")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    try:
+        fill(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if dest.exists():
         shutil.rmtree(dest)
-    dest.mkdir(parents=True)
-    pins = [f"{name}=={importlib.metadata.version(name)}" for name in PACKAGES]
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--python-version", "3.12"]
-    cmd += ["--implementation", "cp", *[arg for p in PLATFORMS for arg in ("--platform", p)], "-d", str(dest), *pins]
-    result = subprocess.run(cmd, capture_output=True, text=True)
-    if result.returncode != 0:
-        raise SystemExit(f"pip download failed for {pins}:\n{result.stdout[-2000:]}{result.stderr[-2000:]}")
-    wheels = sorted(dest.glob("*.whl"))
-    if len(wheels) != len(PACKAGES):
-        raise SystemExit(f"expected {len(PACKAGES)} wheels in {dest}, got {[w.name for w in wheels]}")
-    return wheels
+    tmp.rename(dest)
+
+
+def wheel_pins() -> list[str]:
+    """``name==version`` of each of ``PACKAGES`` as installed here."""
+    pins = []
+    for name in PACKAGES:
+        try:
+            pins.append(f"{name}=={importlib.metadata.version(name)}")
+        except importlib.metadata.PackageNotFoundError:
+            raise SystemExit(f"{name} is not installed here: install the project's environment first") from None
+    return pins
+
+
+def download_wheels(dest: Path, pins: list[str]) -> list[Path]:
+    """The wheels of ``pins`` for CPython 3.12 on x86-64 Linux (the previous ones kept if the download fails)."""
+
+    def fill(folder: Path) -> None:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--python-version", "3.12"]
+        cmd += ["--implementation", "cp", *[arg for p in PLATFORMS for arg in ("--platform", p)], "-d", str(folder)]
+        result = subprocess.run(cmd + pins, capture_output=True, text=True)
+        if result.returncode != 0:
+            raise SystemExit(f"pip download failed for {pins}:\n{result.stdout[-2000:]}{result.stderr[-2000:]}")
+        wheels = sorted(folder.glob("*.whl"))
+        if len(wheels) != len(pins):
+            raise SystemExit(f"expected {len(pins)} wheels, got {[w.name for w in wheels]}")
+
+    _replace(dest, fill)
+    return sorted(dest.glob("*.whl"))
+
+
+def check_data(src: Path) -> None:
+    if not (src / "dataset.json").is_file():
+        raise SystemExit(f"--data {src}: no MSD Task04 dataset.json there")
+    for folder in ("imagesTr", "labelsTr"):
+        if not any((src / folder).glob("*.nii.gz")):
+            raise SystemExit(f"--data {src}: no {folder}/*.nii.gz there")
 
 
 def copy_data(src: Path, dest: Path) -> None:
-    if not (src / "dataset.json").is_file():
-        raise SystemExit(f"--data {src}: no MSD Task04 dataset.json there")
-    if dest.exists():
-        shutil.rmtree(dest)
-    dest.mkdir(parents=True)
-    for name in ("dataset.json", "README.md"):
-        if (src / name).is_file():
-            shutil.copy2(src / name, dest / name)
-    for folder in ("imagesTr", "labelsTr"):
-        shutil.copytree(src / folder, dest / folder)
+    """The cases of ``src`` (checked first) into ``dest`` (the previous copy kept if copying fails)."""
+    check_data(src)
+
+    def fill(folder: Path) -> None:
+        for name in ("dataset.json", "README.md"):
+            if (src / name).is_file():
+                shutil.copy2(src / name, folder / name)
+        for sub in ("imagesTr", "labelsTr"):
+            shutil.copytree(src / sub, folder / sub)
+
+    _replace(dest, fill)
 
 
 def travelling_bytes() -> int:
@@ -88,7 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "hippocampus")
     args = ap.parse_args(argv)
-    wheels = download_wheels(DEVICE_DIR / "whl")
+    check_data(args.data)  # before a download of several minutes
+    wheels = download_wheels(DEVICE_DIR / "whl", wheel_pins())
     copy_data(args.data, DEVICE_DIR / "hippocampus")
     size = travelling_bytes()
     print(f"wheels: {', '.join(w.name for w in wheels)}")
