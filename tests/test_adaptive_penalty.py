@@ -357,11 +357,20 @@ def test_bad_loss_state_and_outputs(rng):
     assert handler.penalty_weight.tolist() == [0.1] * 3 and handler.rounds == 0  # nothing half-loaded
     with pytest.raises(ValueError, match="statistic must hold 3 values"):
         handler.step([0.1])
+    with pytest.raises(ValueError, match="statistic must be numbers, got 'abc'"):
+        handler.step("abc")
+    with pytest.raises(ValueError, match="multipliers must be numbers"):
+        update_multipliers(["a"], [0.1], rho=0.1)
+    # 0-d tensors read like the numbers they hold
+    zero_d = ClassAdaptivePenalty(NACLLoss(3), margin=torch.tensor(0.5), lambda_max=torch.tensor(float("inf")))
+    assert zero_d.margin.tolist() == [0.5] * 3 and zero_d.lambda_max == float("inf")
     x, y = _batch(rng)
     with pytest.raises(ValueError, match="logits has 2 channels|channels"):
         handler.update(x[:, :2], y)
     with pytest.raises(ValueError, match="outside"):
         handler.update(x, y + 5)
+    with pytest.raises(ValueError, match="target must be a torch.Tensor, got ndarray"):
+        handler.update(x, y.numpy())
     with pytest.raises(ValueError, match="prior shape"):
         handler.update(x, y, torch.zeros(2, 3, 2, 2, 2))
     with pytest.raises(ValueError, match="same length"):

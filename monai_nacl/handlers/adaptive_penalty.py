@@ -64,8 +64,7 @@ def update_multipliers(
         >>> update_multipliers([0.25, 0.25, 0.5], [0.5, -0.25, 1.0], rho=0.5, lambda_max=0.75).tolist()
         [0.5, 0.125, 0.75]
     """
-    lam = torch.as_tensor(multipliers, dtype=torch.float64).flatten()
-    g = torch.as_tensor(constraints, dtype=torch.float64).flatten()
+    lam, g = _float_vector(multipliers, "multipliers"), _float_vector(constraints, "constraints")
     if lam.shape != g.shape:
         raise ValueError(f"multipliers and constraints must have the same length, got {lam.numel()} and {g.numel()}.")
     if not bool(torch.isfinite(lam).all()):
@@ -77,10 +76,23 @@ def update_multipliers(
     return torch.where(torch.isnan(g), lam, updated)
 
 
+def _float_vector(values, name: str) -> torch.Tensor:
+    """``values`` (numbers, an array or a tensor) as a flat float64 tensor, or a ``ValueError`` naming ``name``."""
+    try:
+        return torch.as_tensor(values, dtype=torch.float64).flatten()
+    except (TypeError, ValueError, RuntimeError):
+        raise ValueError(f"{name} must be numbers, got {values!r}.") from None
+
+
 def _check_bounds(lambda_min: float, lambda_max: float) -> tuple[float, float]:
     lambda_min = check_number(lambda_min, "lambda_min", minimum=0.0)
-    if isinstance(lambda_max, float) and math.isinf(lambda_max) and lambda_max > 0:
-        return lambda_min, math.inf
+    as_float = (
+        lambda_max.item() if isinstance(lambda_max, (torch.Tensor, np.generic)) and lambda_max.ndim == 0 else None
+    )
+    if isinstance(lambda_max, float) or isinstance(as_float, float):
+        value = float(lambda_max)
+        if math.isinf(value) and value > 0:  # no upper clip, however it is written
+            return lambda_min, math.inf
     lambda_max = check_number(lambda_max, "lambda_max", minimum=lambda_min)
     return lambda_min, lambda_max
 
@@ -233,6 +245,8 @@ class ClassAdaptivePenalty:
 
     def _per_class(self, value, name: str) -> torch.Tensor:
         """One value or ``C`` values >= 0 as a float64 tensor of ``C``."""
+        if isinstance(value, (torch.Tensor, np.ndarray)) and value.ndim == 0:
+            value = value.item()  # one value for all classes, like a Python or NumPy scalar
         if isinstance(value, (Sequence, torch.Tensor, np.ndarray)) and not isinstance(value, str):
             return check_penalty_weight(value, self.num_classes, name)
         return torch.full((self.num_classes,), check_number(value, name, minimum=0.0), dtype=torch.float64)
@@ -270,7 +284,9 @@ class ClassAdaptivePenalty:
         x = logits.detach()
         x = x if x.dtype in (torch.float32, torch.float64) else x.float()
         ignore_index = getattr(loss, "ignore_index", None)
-        labels = labels_from_target(target.to(x.device), x, self.num_classes, ignore_index)
+        target = as_tensor(target)
+        target = target.to(x.device) if isinstance(target, torch.Tensor) else target  # others: named by the check
+        labels = labels_from_target(target, x, self.num_classes, ignore_index)
         valid = (labels != ignore_index) if ignore_index is not None else torch.ones_like(labels, dtype=torch.bool)
         n_valid = valid.sum(dtype=torch.float64)
         if self.statistic == "class_ece":
@@ -338,7 +354,7 @@ class ClassAdaptivePenalty:
         Raises:
             ValueError: ``statistic`` does not hold ``C`` values.
         """
-        s = torch.as_tensor(statistic, dtype=torch.float64).flatten()
+        s = _float_vector(statistic, "statistic")
         if s.numel() != self.num_classes:
             raise ValueError(f"statistic must hold {self.num_classes} values, got {s.numel()}.")
         lam = update_multipliers(self.penalty_weight, s - self.margin, self.rho, self.lambda_min, self.lambda_max)
