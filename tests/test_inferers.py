@@ -88,7 +88,6 @@ def test_axes_beyond_the_input_are_named():
 def test_describe_inferer_keeps_what_changes_the_probabilities():
     from monai.inferers import SimpleInferer, SlidingWindowInferer, SlidingWindowInfererAdapt
 
-
     window = SlidingWindowInferer(roi_size=(40, 56, 40), sw_batch_size=1, overlap=0.25)
     assert describe_inferer(window) == (
         "SlidingWindowInferer(roi_size=[40, 56, 40], overlap=[0.25, 0.25, 0.25], mode=constant, "
