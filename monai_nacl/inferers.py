@@ -8,6 +8,7 @@ import numbers
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from monai.inferers import Inferer
 
@@ -43,7 +44,8 @@ class MirrorInferer(Inferer):
 
     def __init__(self, inferer: Inferer | None = None, spatial_axes: Sequence[int] | int = (0, 1, 2)) -> None:
         super().__init__()
-        given = (spatial_axes,) if isinstance(spatial_axes, numbers.Integral) else spatial_axes
+        given = spatial_axes.tolist() if isinstance(spatial_axes, (np.ndarray, torch.Tensor)) else spatial_axes
+        given = (given,) if isinstance(given, numbers.Integral) else given
         if isinstance(given, (str, bytes)) or not isinstance(given, Sequence):
             raise ValueError(f"spatial_axes must be an axis or a sequence of axes, got {spatial_axes!r}")
         if not all(isinstance(a, numbers.Integral) and not isinstance(a, bool) for a in given):

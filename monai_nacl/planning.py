@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import numbers
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -59,15 +60,22 @@ def dataset_fingerprint(items: Sequence[dict], image_key: str = "image") -> dict
     }
 
 
-def _check_whole(name: str, value, low: int, high: int | None = None) -> None:
-    ok = isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= low
-    if not ok or (high is not None and value > high):
+def _check_whole(name: str, value, low: int, high: int | None = None) -> int:
+    """``value`` as an ``int``: an integer or a float holding one (``1e6``), never a ``bool``."""
+    whole = not isinstance(value, bool) and (
+        isinstance(value, numbers.Integral)
+        or (isinstance(value, numbers.Real) and math.isfinite(value) and float(value).is_integer())
+    )
+    if not whole or value < low or (high is not None and value > high):
         bounds = f"from {low} to {high}" if high is not None else f"of at least {low}"
         raise ValueError(f"{name} must be an integer {bounds}, got {value!r}.")
+    return int(value)
 
 
 def _finite_positive(name: str, values) -> list[float]:
-    if isinstance(values, (str, bytes)) or not isinstance(values, (Sequence, np.ndarray)) or len(values) == 0:
+    if hasattr(values, "tolist") and not isinstance(values, (list, tuple)):
+        values = values.tolist()  # NumPy arrays, torch tensors
+    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence) or len(values) == 0:
         raise ValueError(f"{name} must be a non-empty sequence of numbers, got {values!r}.")
     try:
         out = [float(v) for v in values]
@@ -105,10 +113,10 @@ def plan_dynunet(
             ``max_filters``, ``max_patch_voxels`` or ``min_feature_size`` not a positive integer; ``max_levels``
             not an integer from 1 to 7 (one filter count per level).
     """
-    _check_whole("max_filters", max_filters, 1)
-    _check_whole("max_patch_voxels", max_patch_voxels, 1)
-    _check_whole("min_feature_size", min_feature_size, 1)
-    _check_whole("max_levels", max_levels, 1, len(FILTERS))
+    max_filters = _check_whole("max_filters", max_filters, 1)
+    max_patch_voxels = _check_whole("max_patch_voxels", max_patch_voxels, 1)
+    min_feature_size = _check_whole("min_feature_size", min_feature_size, 1)
+    max_levels = _check_whole("max_levels", max_levels, 1, len(FILTERS))
     spacing, shape = _finite_positive("spacing", spacing), _finite_positive("median_shape", median_shape)
     if len(spacing) != len(shape):
         raise ValueError(f"spacing and median_shape must have the same length, got {spacing} and {shape}.")

@@ -238,12 +238,21 @@ def _plain(value) -> torch.Tensor:
 
 
 def _check_patch_size(size: Sequence[int]) -> list[int]:
-    """``patch_size`` as positive integers (a list, tuple, 1-d array or tensor of integers)."""
+    """``patch_size`` as positive integers (a list, tuple, 1-d array or tensor of whole numbers)."""
     if isinstance(size, (np.ndarray, torch.Tensor)) and size.ndim == 1:
         size = size.tolist()
     if isinstance(size, (str, bytes)) or not isinstance(size, Sequence) or not size:
         raise ValueError(f"patch_size must be a sequence of positive integers, got {size!r}.")
     values = [s.item() if isinstance(s, (np.generic, torch.Tensor)) and s.ndim == 0 else s for s in size]
-    if not all(isinstance(s, numbers.Integral) and not isinstance(s, bool) and s >= 1 for s in values):
+    if not all(_whole(s) and s >= 1 for s in values):
         raise ValueError(f"patch_size must be a sequence of positive integers, got {list(size)}.")
     return [int(s) for s in values]
+
+
+def _whole(value) -> bool:
+    """An integer, or a float holding one (``48.0``); never a ``bool``."""
+    if isinstance(value, bool):
+        return False
+    return isinstance(value, numbers.Integral) or (
+        isinstance(value, numbers.Real) and math.isfinite(value) and float(value).is_integer()
+    )

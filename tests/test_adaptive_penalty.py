@@ -335,7 +335,7 @@ def test_bad_arguments(kwargs, match):
         ClassAdaptivePenalty(NACLLoss(3), **args)
 
 
-def test_bad_loss_state_and_outputs(rng):
+def test_bad_loss_state_and_outputs(rng, caplog):
     with pytest.raises(ValueError, match="no per-class penalty_weight"):
         ClassAdaptivePenalty(HardL1ACELoss(3), margin=0.1)
     with pytest.raises(ValueError, match="no per-class penalty_weight"):
@@ -347,12 +347,19 @@ def test_bad_loss_state_and_outputs(rng):
         handler.load_state_dict({"penalty_weight": [0.1, 0.2]})
     with pytest.raises(ValueError, match="state must be a dict with 'penalty_weight'"):
         handler.load_state_dict({"lambda": [0.1, 0.2, 0.3]})
-    # a checkpoint from before lambda_max was lowered: refused, not used until the next round clips it
-    with pytest.raises(ValueError, match="outside \\[lambda_min, lambda_max\\] = \\[0.0, 1.0\\]"):
-        handler.load_state_dict({"penalty_weight": [5.0, 5.0, 5.0]})
+    # a checkpoint from before lambda_max was lowered: clipped at once (not used until the next round), and said
+    clipped = ClassAdaptivePenalty(NACLLoss(3), margin=0.1)
+    with caplog.at_level("WARNING", logger="monai_nacl.handlers.adaptive_penalty"):
+        clipped.load_state_dict({"penalty_weight": [5.0, 0.5, 5.0]})
+    assert clipped.penalty_weight.tolist() == [1.0, 0.5, 1.0] == clipped.target.penalty_weight.tolist()
+    assert "outside [lambda_min, lambda_max] = [0.0, 1.0]" in caplog.text
+    # a round that saw no voxel saves a NaN statistic: its checkpoint resumes
+    clipped.step([float("nan")] * 3)
+    clipped.load_state_dict(clipped.state_dict())
+    assert clipped.last_statistic.isnan().all()
     with pytest.raises(ValueError, match="state\\['rounds'\\] must be an integer"):
         handler.load_state_dict({"penalty_weight": [0.1, 0.2, 0.3], "rounds": "x"})
-    with pytest.raises(ValueError, match="state\\['last_statistic'\\] must hold 3"):
+    with pytest.raises(ValueError, match="state\\['last_statistic'\\] must hold 3 values"):
         handler.load_state_dict({"penalty_weight": [0.1, 0.2, 0.3], "last_statistic": [0.1]})
     assert handler.penalty_weight.tolist() == [0.1] * 3 and handler.rounds == 0  # nothing half-loaded
     with pytest.raises(ValueError, match="statistic must hold 3 values"):

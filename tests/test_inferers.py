@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 
+import numpy as np
 import pytest
 import torch
 from monai.inferers import SlidingWindowInferer
@@ -61,6 +62,8 @@ def test_one_axis_and_bad_inferers():
     from monai.inferers import SimpleInferer
 
     assert MirrorInferer(spatial_axes=2).spatial_axes == (2,)
+    assert MirrorInferer(spatial_axes=np.array([0, 2])).spatial_axes == (0, 2)
+    assert MirrorInferer(spatial_axes=torch.tensor([1])).spatial_axes == (1,)
     with pytest.raises(ValueError, match="the class SimpleInferer"):
         MirrorInferer(SimpleInferer)
     with pytest.raises(ValueError, match="MONAI Inferer object, got function"):

@@ -54,6 +54,14 @@ def test_patch_budget_and_bad_input():
         dataset_fingerprint([])
 
 
+def test_plan_takes_whole_floats_arrays_and_tensors():
+    import numpy as np
+    import torch
+
+    plain = plan_dynunet([1.0, 1.0, 1.0], [35, 50, 36], max_patch_voxels=10**6, min_feature_size=4)
+    assert plan_dynunet(torch.tensor([1.0, 1.0, 1.0]), np.array([35, 50, 36]), 1e6, 4.0) == plain
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [

@@ -104,7 +104,7 @@ def test_bad_options_are_named(kwargs, message):
 def test_patch_size_from_arrays_and_tensors():
     import numpy as np
 
-    for size in (np.array([8, 8, 8]), torch.tensor([8, 8, 8]), [np.int64(8)] * 3):
+    for size in (np.array([8, 8, 8]), torch.tensor([8, 8, 8]), [np.int64(8)] * 3, [8.0, 8.0, 8.0]):
         assert PriorOnDevice(3, patch_size=size).patch_size == (8, 8, 8)
 
 

@@ -195,6 +195,7 @@ def pack(out: Path, dest: Path) -> list[Path]:
             "sha256": hashlib.sha256(data).hexdigest(),
         }
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    written.append(Path(shutil.copyfile(out / MANIFEST, dest / MANIFEST)))  # also beside the parts: see unpack
     archive = dest / "gpu_run.tar.gz"
     with tarfile.open(archive, "w:gz") as tar:
         for f in sorted(out.rglob("*")):
@@ -212,25 +213,33 @@ def unpack(src: Path, out: Path) -> list[Path]:
     record the archive holds. Returns the weights written; a model the run did not finish is reported.
 
     Raises:
-        SystemExit: ``src`` holds no readable ``gpu_run.tar.gz`` with a manifest; a model's files are missing or
-            do not add up to its size and sha256 (nothing is written then); ``out`` already holds files.
+        SystemExit: ``src`` holds no readable manifest or ``gpu_run.tar.gz``; a model's files are missing or do not
+            add up to its size and sha256; the archive holds records of a model the manifest does not list; ``out``
+            already holds files. Nothing is written then.
     """
     import hashlib
     import tarfile
 
     archive = src / "gpu_run.tar.gz"
-    if not archive.is_file():
-        raise SystemExit(f"{src}: no gpu_run.tar.gz (not a packed GPU run)")
     if out.exists() and any(out.iterdir()):
         raise SystemExit(f"{out} already holds files: unpack into a new folder (--out), not over another run")
+    if not (src / MANIFEST).is_file():
+        raise SystemExit(f"{src}: no {MANIFEST} (not a packed GPU run, or the call left it out)")
     try:
-        with tarfile.open(archive) as tar:
-            member = tar.extractfile(MANIFEST) if MANIFEST in tar.getnames() else None
-            if member is None:
-                raise SystemExit(f"{archive}: no {MANIFEST} in it (not written by --pack)")
-            manifest = json.loads(member.read())
-    except (tarfile.TarError, OSError, EOFError, ValueError) as e:
-        raise SystemExit(f"{archive} cannot be read: {e}") from None
+        manifest = json.loads((src / MANIFEST).read_text())
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"{src / MANIFEST} cannot be read: {e}") from None
+    entries_ok = isinstance(manifest, dict) and all(
+        model in MODELS
+        and isinstance(entry, dict)
+        and isinstance(entry.get("files"), list)
+        and all(isinstance(n, str) and n == Path(n).name for n in entry["files"])
+        and isinstance(entry.get("bytes"), int)
+        and isinstance(entry.get("sha256"), str)
+        for model, entry in manifest.items()
+    )
+    if not entries_ok:
+        raise SystemExit(f"{src / MANIFEST}: not a manifest of models {sorted(MODELS)} written by --pack")
     joined = {}
     for model, entry in manifest.items():
         missing = [name for name in entry["files"] if not (src / name).is_file()]
@@ -243,6 +252,21 @@ def unpack(src: Path, out: Path) -> list[Path]:
                 f"manifest ({entry['bytes']} bytes, sha256 {entry['sha256'][:12]}...)"
             )
         joined[model] = data
+    if not archive.is_file():
+        raise SystemExit(
+            f"{src}: no gpu_run.tar.gz (logs and calibration records); the weights in it check out against "
+            f"{MANIFEST}, but they cannot be used without their records"
+        )
+    try:
+        with tarfile.open(archive) as tar:
+            names = tar.getnames()
+    except (tarfile.TarError, OSError, EOFError) as e:
+        raise SystemExit(f"{archive} cannot be read: {e}") from None
+    orphans = sorted({n.split("/")[1] for n in names if n.startswith("final/") and n.count("/") >= 2} - set(joined))
+    if orphans:
+        raise SystemExit(
+            f"{archive} holds records of models {orphans} whose weights are not in {MANIFEST}: the pack is incomplete"
+        )
     for model in MODELS:
         if model not in manifest:
             print(f"{src}: no weights of model {model} (the run did not finish it; see gpu_hippocampus.log)")

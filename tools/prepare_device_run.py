@@ -43,10 +43,15 @@ COMMAND = (
 
 
 def _replace(dest: Path, fill) -> None:
-    """``fill`` a fresh folder beside ``dest``, then swap it in: a failure keeps the previous ``dest``."""
-    tmp = dest.with_name(dest.name + ".new")
-    if tmp.exists():
-        shutil.rmtree(tmp)
+    """``fill`` a fresh folder beside ``dest``, then swap it in by renames (``dest`` → ``dest.old``, new → ``dest``):
+    a failure while filling keeps the previous ``dest``, and a run interrupted between the renames is completed by
+    the next one (which finds ``dest`` missing and ``dest.old`` there)."""
+    tmp, old = dest.with_name(dest.name + ".new"), dest.with_name(dest.name + ".old")
+    if not dest.exists() and old.exists():
+        old.rename(dest)  # an earlier run stopped between its two renames
+    for leftover in (tmp, old):
+        if leftover.exists():
+            shutil.rmtree(leftover)
     tmp.mkdir(parents=True)
     try:
         fill(tmp)
@@ -54,8 +59,9 @@ def _replace(dest: Path, fill) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     if dest.exists():
-        shutil.rmtree(dest)
+        dest.rename(old)
     tmp.rename(dest)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def wheel_pins() -> list[str]:

@@ -87,7 +87,9 @@ def _float_vector(values, name: str) -> torch.Tensor:
 def _check_bounds(lambda_min: float, lambda_max: float) -> tuple[float, float]:
     lambda_min = check_number(lambda_min, "lambda_min", minimum=0.0)
     as_float = (
-        lambda_max.item() if isinstance(lambda_max, (torch.Tensor, np.generic)) and lambda_max.ndim == 0 else None
+        lambda_max.item()
+        if isinstance(lambda_max, (torch.Tensor, np.ndarray, np.generic)) and lambda_max.ndim == 0
+        else None
     )
     if isinstance(lambda_max, float) or isinstance(as_float, float):
         value = float(lambda_max)
@@ -434,21 +436,30 @@ class ClassAdaptivePenalty:
         """Restore ``λ`` (and set it on the loss), the round count and the last statistic.
 
         Raises:
-            ValueError: a state without ``penalty_weight``, or one with a wrong class count, invalid values or weights
-                outside ``[lambda_min, lambda_max]``.
+            ValueError: a state without ``penalty_weight``, or one with a wrong class count or invalid values.
+                Weights outside ``[lambda_min, lambda_max]`` (bounds changed since) are clipped, with a warning.
         """
         if not isinstance(state, dict) or "penalty_weight" not in state:
             raise ValueError(f"state must be a dict with 'penalty_weight', got {type(state).__name__}.")
         lam = check_penalty_weight(state["penalty_weight"], self.num_classes, "state['penalty_weight']")
-        if bool((lam < self.lambda_min).any()) or bool((lam > self.lambda_max).any()):
-            raise ValueError(
-                f"state['penalty_weight'] {lam.tolist()} lies outside [lambda_min, lambda_max] = "
-                f"[{self.lambda_min}, {self.lambda_max}] (were the bounds changed since the checkpoint was written?)."
+        clipped = lam.clamp(self.lambda_min, self.lambda_max)
+        if not torch.equal(clipped, lam):
+            # the bounds were changed since the checkpoint was written: the next round would clip them too
+            logger.warning(
+                "ClassAdaptivePenalty: the checkpoint's weights %s lie outside [lambda_min, lambda_max] = [%s, %s]; "
+                "resuming with %s.",
+                lam.tolist(),
+                self.lambda_min,
+                self.lambda_max,
+                clipped.tolist(),
             )
         rounds = check_integer(state.get("rounds", 0), "state['rounds']", minimum=0)
         last = state.get("last_statistic")
         if last is not None:
-            last = check_penalty_weight(last, self.num_classes, "state['last_statistic']")
-        self.penalty_weight, self.rounds, self.last_statistic = lam, rounds, last
+            # NaN where a round saw no voxel of a class: step() keeps that class's weight, and saves it so
+            last = _float_vector(last, "state['last_statistic']")
+            if last.numel() != self.num_classes:
+                raise ValueError(f"state['last_statistic'] must hold {self.num_classes} values, got {last.numel()}.")
+        self.penalty_weight, self.rounds, self.last_statistic = clipped, rounds, last
         if self.enabled:
-            self.target.penalty_weight = lam
+            self.target.penalty_weight = clipped

@@ -79,6 +79,7 @@ class CalibratedModelSaver:
         self.best_epoch = 0
 
     def attach(self, engine: Engine) -> None:
+        describe_inferer(getattr(engine, "inferer", None))  # refused now, not at the first best model mid-training
         engine.add_event_handler(Events.EPOCH_STARTED, lambda _: self.fitter.reset())
         engine.add_event_handler(Events.ITERATION_COMPLETED, self._collect)
         engine.add_event_handler(Events.EPOCH_COMPLETED, self._maybe_save)

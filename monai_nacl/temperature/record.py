@@ -221,8 +221,10 @@ def inferer_problems(target: Path, what: str, fitted_with: str | None, inferer: 
     """``[problem]`` when a record's inferer (``fitted_with``) is known and differs from ``inferer``, else ``[]``."""
     from monai_nacl.inferers import describe_inferer
 
+    if fitted_with is None:  # a record from before inferers were recorded: nothing to compare with
+        return []
     used = describe_inferer(inferer)
-    if fitted_with is None or used is None or fitted_with == used:
+    if used is None or fitted_with == used:
         return []
     return [
         f"{target}: {what} fitted on the probabilities of {fitted_with}, inference uses {used} (calibrate with the "
