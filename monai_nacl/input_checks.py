@@ -20,6 +20,7 @@ __all__ = [
     "check_num_classes",
     "check_number",
     "check_integer",
+    "check_number_sequence",
     "check_bool",
     "check_ignore_index",
     "check_class_weight",
@@ -101,18 +102,38 @@ def check_number(
     return v
 
 
-def check_integer(value: object, name: str, minimum: int | None = None) -> int:
-    """``value`` as an ``int``: Python, NumPy and 0-d torch integers; no ``bool``, no float (not even ``3.0``).
+def check_integer(
+    value: object, name: str, minimum: int | None = None, maximum: int | None = None, whole_floats: bool = False
+) -> int:
+    """``value`` as an ``int``: Python, NumPy and 0-d torch integers; no ``bool``, and no float (not even ``3.0``)
+    unless ``whole_floats`` (then ``1e6`` and ``48.0`` pass, for sizes that configs may write as floats).
 
     Raises:
-        ValueError: not an integer (the message names the value and its type), or below ``minimum``.
+        ValueError: not an integer (the message names the value and its type), or outside the bounds.
     """
     v = _scalar(value)
-    if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+    whole = isinstance(v, numbers.Real) and math.isfinite(v) and float(v).is_integer()
+    if isinstance(v, bool) or not (isinstance(v, numbers.Integral) or (whole_floats and whole)):
         raise ValueError(f"{name} must be an integer, got {_describe(value)}.")
     if minimum is not None and v < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {int(v)}.")
+    if maximum is not None and v > maximum:
+        raise ValueError(f"{name} must be <= {maximum}, got {int(v)}.")
     return int(v)
+
+
+def check_number_sequence(values: object, name: str, minimum: float | None = None, exclusive_minimum: bool = False):
+    """``values`` (a list, tuple, 1-d array or tensor) as a non-empty list of finite floats, each checked by
+    :func:`check_number` with the bounds given (e.g. a voxel spacing: ``minimum=0, exclusive_minimum=True``).
+
+    Raises:
+        ValueError: not a non-empty sequence, or an entry that is not a finite number within the bounds.
+    """
+    if isinstance(values, (np.ndarray, torch.Tensor)) and values.ndim == 1:
+        values = values.tolist()
+    if isinstance(values, (str, bytes)) or not isinstance(values, (list, tuple)) or not values:
+        raise ValueError(f"{name} must be a non-empty sequence of numbers, got {_describe(values)}.")
+    return [check_number(v, f"{name}[{i}]", minimum, exclusive_minimum=exclusive_minimum) for i, v in enumerate(values)]
 
 
 def check_bool(value: object, name: str) -> bool:

@@ -13,12 +13,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import numbers
 from collections.abc import Sequence
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+
+from monai_nacl.input_checks import check_integer, check_number_sequence
 
 __all__ = ["dataset_fingerprint", "plan_dynunet"]
 
@@ -60,32 +61,6 @@ def dataset_fingerprint(items: Sequence[dict], image_key: str = "image") -> dict
     }
 
 
-def _check_whole(name: str, value, low: int, high: int | None = None) -> int:
-    """``value`` as an ``int``: an integer or a float holding one (``1e6``), never a ``bool``."""
-    whole = not isinstance(value, bool) and (
-        isinstance(value, numbers.Integral)
-        or (isinstance(value, numbers.Real) and math.isfinite(value) and float(value).is_integer())
-    )
-    if not whole or value < low or (high is not None and value > high):
-        bounds = f"from {low} to {high}" if high is not None else f"of at least {low}"
-        raise ValueError(f"{name} must be an integer {bounds}, got {value!r}.")
-    return int(value)
-
-
-def _finite_positive(name: str, values) -> list[float]:
-    if hasattr(values, "tolist") and not isinstance(values, (list, tuple)):
-        values = values.tolist()  # NumPy arrays, torch tensors
-    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence) or len(values) == 0:
-        raise ValueError(f"{name} must be a non-empty sequence of numbers, got {values!r}.")
-    try:
-        out = [float(v) for v in values]
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a sequence of numbers, got {values!r}.") from None
-    if not all(math.isfinite(v) and v > 0 for v in out):
-        raise ValueError(f"{name} must hold finite positive numbers, got {out}.")
-    return out
-
-
 def plan_dynunet(
     spacing: Sequence[float],
     median_shape: Sequence[float],
@@ -113,11 +88,12 @@ def plan_dynunet(
             ``max_filters``, ``max_patch_voxels`` or ``min_feature_size`` not a positive integer; ``max_levels``
             not an integer from 1 to 7 (one filter count per level).
     """
-    max_filters = _check_whole("max_filters", max_filters, 1)
-    max_patch_voxels = _check_whole("max_patch_voxels", max_patch_voxels, 1)
-    min_feature_size = _check_whole("min_feature_size", min_feature_size, 1)
-    max_levels = _check_whole("max_levels", max_levels, 1, len(FILTERS))
-    spacing, shape = _finite_positive("spacing", spacing), _finite_positive("median_shape", median_shape)
+    max_filters = check_integer(max_filters, "max_filters", minimum=1, whole_floats=True)
+    max_patch_voxels = check_integer(max_patch_voxels, "max_patch_voxels", minimum=1, whole_floats=True)
+    min_feature_size = check_integer(min_feature_size, "min_feature_size", minimum=1, whole_floats=True)
+    max_levels = check_integer(max_levels, "max_levels", minimum=1, maximum=len(FILTERS), whole_floats=True)
+    spacing = check_number_sequence(spacing, "spacing", minimum=0.0, exclusive_minimum=True)
+    shape = check_number_sequence(median_shape, "median_shape", minimum=0.0, exclusive_minimum=True)
     if len(spacing) != len(shape):
         raise ValueError(f"spacing and median_shape must have the same length, got {spacing} and {shape}.")
     patch = [max(int(math.ceil(s)), 1) for s in shape]

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import math
-import numbers
 from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
 from monai.engines.utils import PrepareBatch
 
-from monai_nacl.input_checks import check_label_values
+from monai_nacl.input_checks import check_integer, check_label_values, check_number_sequence
 from monai_nacl.neighbor_prior import (
     ensure_kernel_size,
     ensure_sigma,
@@ -117,14 +115,7 @@ class PriorOnDevice(PrepareBatch):
                 raise ValueError(
                     "neighborhood_mm needs spacing (the training volumes' voxel size in mm, e.g. @pixdim)."
                 )
-            if isinstance(spacing, (str, bytes)) or not isinstance(spacing, (Sequence, np.ndarray, torch.Tensor)):
-                raise ValueError(f"spacing must be a sequence of positive numbers (one per axis), got {spacing!r}.")
-            try:
-                spacing = [float(s) for s in spacing]
-            except (TypeError, ValueError):
-                raise ValueError(f"spacing must be a sequence of positive numbers, got {spacing!r}.") from None
-            if not spacing or not all(math.isfinite(s) and s > 0 for s in spacing):
-                raise ValueError(f"spacing must be finite positive numbers, got {spacing}.")
+            spacing = check_number_sequence(spacing, "spacing", minimum=0.0, exclusive_minimum=True)
             self.kernel_size = kernel_size_from_spacing(cached.neighborhood_mm, spacing)
             self.sigma = sigma_from_spacing(cached.sigma, spacing)
         self.patch_size = None if patch_size is None else tuple(_check_patch_size(patch_size))
@@ -243,16 +234,7 @@ def _check_patch_size(size: Sequence[int]) -> list[int]:
         size = size.tolist()
     if isinstance(size, (str, bytes)) or not isinstance(size, Sequence) or not size:
         raise ValueError(f"patch_size must be a sequence of positive integers, got {size!r}.")
-    values = [s.item() if isinstance(s, (np.generic, torch.Tensor)) and s.ndim == 0 else s for s in size]
-    if not all(_whole(s) and s >= 1 for s in values):
-        raise ValueError(f"patch_size must be a sequence of positive integers, got {list(size)}.")
-    return [int(s) for s in values]
-
-
-def _whole(value) -> bool:
-    """An integer, or a float holding one (``48.0``); never a ``bool``."""
-    if isinstance(value, bool):
-        return False
-    return isinstance(value, numbers.Integral) or (
-        isinstance(value, numbers.Real) and math.isfinite(value) and float(value).is_integer()
-    )
+    try:
+        return [check_integer(s, "patch_size", minimum=1, whole_floats=True) for s in size]
+    except ValueError:
+        raise ValueError(f"patch_size must be a sequence of positive integers, got {list(size)}.") from None

@@ -45,6 +45,36 @@ def test_check_number_and_check_integer():
         check_integer(3.0, "k")
     with pytest.raises(ValueError, match=r"k must be an integer, got tensor\(3\.\) \(Tensor\)"):
         check_integer(torch.tensor(3.0), "k")
+    # sizes a config may write as floats: whole ones only, and never a bool
+    assert (
+        check_integer(1e6, "k", whole_floats=True) == 10**6
+        and check_integer(np.float64(48.0), "k", whole_floats=True) == 48
+    )
+    for bad in (48.5, float("nan"), float("inf"), True):
+        with pytest.raises(ValueError, match="k must be an integer"):
+            check_integer(bad, "k", whole_floats=True)
+    with pytest.raises(ValueError, match="k must be <= 7, got 8"):
+        check_integer(8, "k", maximum=7)
+
+
+def test_check_number_sequence():
+    import torch
+
+    from monai_nacl.input_checks import check_number_sequence
+
+    positive = {"minimum": 0.0, "exclusive_minimum": True}
+    for given in ([1, 2.5], (1, 2.5), np.array([1.0, 2.5]), torch.tensor([1.0, 2.5])):
+        assert check_number_sequence(given, "s", **positive) == [1.0, 2.5]
+    for bad, message in (
+        ([], "s must be a non-empty sequence"),
+        ("12", "s must be a non-empty sequence"),
+        (1.5, "s must be a non-empty sequence"),
+        ([1.0, 0.0], r"s\[1\] must be > 0\.0, got 0\.0"),
+        ([float("nan")], r"s\[0\] must be finite"),
+        ([1, "a"], r"s\[1\] must be a real number"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            check_number_sequence(bad, "s", **positive)
 
 
 def test_check_label_values_returns_labels_safe_for_ignore_index():
