@@ -71,6 +71,7 @@ def check_number(
     maximum: float | None = None,
     exclusive_minimum: bool = False,
     exclusive_maximum: bool = False,
+    allow_infinity: bool = False,
 ) -> float:
     """``value`` as a finite ``float``, for constructor options such as ``alpha``, ``sigma`` or ``epsilon``.
 
@@ -81,19 +82,20 @@ def check_number(
         name: the option name used in the error message.
         minimum, maximum: optional bounds.
         exclusive_minimum, exclusive_maximum: whether the bounds themselves are excluded.
+        allow_infinity: accept ``+inf`` (e.g. an upper bound meaning "none"); ``-inf`` and NaN stay refused.
 
     Returns:
         the value as a Python ``float``.
 
     Raises:
         ValueError: a ``bool``, string or other non-real value (the message names the value and its type), NaN or
-            Inf, or a value outside the bounds.
+            Inf (``+inf`` passes with ``allow_infinity``), or a value outside the bounds.
     """
     v = _scalar(value)
     if isinstance(v, bool) or not isinstance(v, numbers.Real):
         raise ValueError(f"{name} must be a real number (int or float), got {_describe(value)}.")
     v = float(v)
-    if not math.isfinite(v):
+    if not math.isfinite(v) and not (allow_infinity and v == math.inf):
         raise ValueError(f"{name} must be finite, got {v}.")
     if minimum is not None and (v < minimum or (exclusive_minimum and v == minimum)):
         raise ValueError(f"{name} must be {'>' if exclusive_minimum else '>='} {minimum}, got {v}.")

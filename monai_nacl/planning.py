@@ -127,8 +127,8 @@ def plan_dynunet(
         "kernel_size": kernels,
         "strides": strides,
         "upsample_kernel_size": strides[1:],
-        "filters": [min(f, int(max_filters)) for f in FILTERS[: len(strides)]],
-        "max_filters": int(max_filters),
+        "filters": [min(f, max_filters) for f in FILTERS[: len(strides)]],
+        "max_filters": max_filters,
     }
 
 

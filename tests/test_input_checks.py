@@ -41,6 +41,13 @@ def test_check_number_and_check_integer():
         check_number("x", "a")
     with pytest.raises(ValueError, match=r"a must be > 0\.0, got 0\.0"):
         check_number(0, "a", minimum=0.0, exclusive_minimum=True)
+    # +inf only where an option allows it (an upper bound meaning none); -inf and NaN never
+    assert check_number(torch.tensor(float("inf")), "a", minimum=0.0, allow_infinity=True) == float("inf")
+    for bad in (float("-inf"), float("nan")):
+        with pytest.raises(ValueError, match="a must be finite"):
+            check_number(bad, "a", allow_infinity=True)
+    with pytest.raises(ValueError, match="a must be finite, got inf"):
+        check_number(float("inf"), "a")
     with pytest.raises(ValueError, match=r"k must be an integer, got 3\.0 \(float\)"):
         check_integer(3.0, "k")
     with pytest.raises(ValueError, match=r"k must be an integer, got tensor\(3\.\) \(Tensor\)"):

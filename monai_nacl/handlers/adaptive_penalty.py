@@ -86,17 +86,8 @@ def _float_vector(values, name: str) -> torch.Tensor:
 
 def _check_bounds(lambda_min: float, lambda_max: float) -> tuple[float, float]:
     lambda_min = check_number(lambda_min, "lambda_min", minimum=0.0)
-    as_float = (
-        lambda_max.item()
-        if isinstance(lambda_max, (torch.Tensor, np.ndarray, np.generic)) and lambda_max.ndim == 0
-        else None
-    )
-    if isinstance(lambda_max, float) or isinstance(as_float, float):
-        value = float(lambda_max)
-        if math.isinf(value) and value > 0:  # no upper clip, however it is written
-            return lambda_min, math.inf
-    lambda_max = check_number(lambda_max, "lambda_max", minimum=lambda_min)
-    return lambda_min, lambda_max
+    # +inf, however it is written (float, 0-d array or tensor), means no upper clip
+    return lambda_min, check_number(lambda_max, "lambda_max", minimum=lambda_min, allow_infinity=True)
 
 
 def _find_loss(loss):
