@@ -258,21 +258,22 @@ def unpack(src: Path, out: Path) -> list[Path]:
             f"{MANIFEST}, but they cannot be used without their records"
         )
     try:
-        with tarfile.open(archive) as tar:
+        with tarfile.open(archive) as tar:  # read once: its member list, then its contents
             names = tar.getnames()
+            models = {n.split("/")[1] for n in names if n.startswith("final/") and n.count("/") >= 2}
+            orphans = sorted(models - set(joined))
+            if orphans:
+                raise SystemExit(
+                    f"{archive} holds records of models {orphans} whose weights are not in {MANIFEST}: the pack is "
+                    "incomplete"
+                )
+            for model in MODELS:
+                if model not in manifest:
+                    print(f"{src}: no weights of model {model} (the run did not finish it; see gpu_hippocampus.log)")
+            out.mkdir(parents=True, exist_ok=True)
+            tar.extractall(out, filter="data")
     except (tarfile.TarError, OSError, EOFError) as e:
         raise SystemExit(f"{archive} cannot be read: {e}") from None
-    orphans = sorted({n.split("/")[1] for n in names if n.startswith("final/") and n.count("/") >= 2} - set(joined))
-    if orphans:
-        raise SystemExit(
-            f"{archive} holds records of models {orphans} whose weights are not in {MANIFEST}: the pack is incomplete"
-        )
-    for model in MODELS:
-        if model not in manifest:
-            print(f"{src}: no weights of model {model} (the run did not finish it; see gpu_hippocampus.log)")
-    out.mkdir(parents=True, exist_ok=True)
-    with tarfile.open(archive) as tar:
-        tar.extractall(out, filter="data")
     weights = []
     for model, data in joined.items():
         target = out / "final" / model / "models" / "model.pt"
