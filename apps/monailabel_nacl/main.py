@@ -113,6 +113,8 @@ class NACLBundleInferTask(BundleInferTask):
     def __init__(self, path: str, conf: dict, **kwargs) -> None:
         # before super: with ``preload`` it loads the network from its __init__; a bad value stops the app at start
         self.networks_per_device = _networks_per_device(conf)
+        self._network_lock = threading.RLock()
+        self._network_cache: OrderedDict = OrderedDict()  # (device, file identity): MONAI Label's (network, mtime)
         super().__init__(path, conf, **kwargs)
 
     def pre_transforms(self, data=None):
@@ -143,14 +145,14 @@ class NACLBundleInferTask(BundleInferTask):
         least recently used is dropped first, an earlier version of the same file at once. A lock makes each call
         one step, so concurrent requests (``MONAI_LABEL_INFER_CONCURRENCY`` above 1) cannot file one file's network
         under another's identity."""
-        with self.__dict__.setdefault("_network_lock", threading.RLock()):  # lazily: preload calls this from __init__
+        with self._network_lock:
             path = self.get_path()
             name = (data or {}).get("model_filename") if self._config.get("model_filename") else None
             name = name[0] if isinstance(name, (list, tuple)) and name else name
             if isinstance(name, str) and os.path.exists(os.path.join(os.path.dirname(self.path[0]), name)):
                 path = os.path.join(os.path.dirname(self.path[0]), name)
             key = _file_identity(path) if path else None
-            cache = self.__dict__.setdefault("_network_cache", OrderedDict())  # (device, key): MONAI Label's entry
+            cache = self._network_cache
             if (device, key) in cache:
                 self._networks[device] = cache[(device, key)]
                 cache.move_to_end((device, key))
@@ -175,14 +177,14 @@ class NACLBundleInferTask(BundleInferTask):
 
     def clear_cache(self):
         """MONAI Label's ``clear_cache`` empties its per-device networks; the networks kept per file go too."""
-        with self.__dict__.setdefault("_network_lock", threading.RLock()):
-            self.__dict__.get("_network_cache", {}).clear()
+        with self._network_lock:
+            self._network_cache.clear()
             super().clear_cache()
 
     def clear(self):
         """Like :meth:`clear_cache`, for MONAI Label's ``clear``."""
-        with self.__dict__.setdefault("_network_lock", threading.RLock()):
-            self.__dict__.get("_network_cache", {}).clear()
+        with self._network_lock:
+            self._network_cache.clear()
             super().clear()
 
     def _check_calibrated(self, path: str) -> None:
